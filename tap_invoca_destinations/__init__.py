@@ -1,0 +1,1 @@
+"""Singer tap for Invoca Destinations (customer phone numbers), built on the Meltano Singer SDK."""

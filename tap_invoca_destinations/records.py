@@ -1,0 +1,228 @@
+"""Record shaping: one raw Invoca destination in, one flat, typed record out."""
+
+from __future__ import annotations
+
+import datetime
+import re
+import typing as t
+
+import pendulum
+
+STRING, INTEGER, BOOLEAN, TIMESTAMP = "string", "integer", "boolean", "timestamp"
+
+# Top-level scalar fields of a destination, in column order, with their column kind.
+TOP_LEVEL: dict[str, str] = {
+    "id": INTEGER,
+    "country_code": STRING,
+    "phone_number": STRING,
+    "primary_url": STRING,
+    "requested_destination_name": STRING,
+    "created_at": TIMESTAMP,
+    "updated_at": TIMESTAMP,
+    "acknowledged_at": TIMESTAMP,
+    "ignored_at": TIMESTAMP,
+    "notified_at": TIMESTAMP,
+}
+
+# Sub-objects flattened into `<object>_<member>` columns.
+SUB_OBJECTS: dict[str, dict[str, str]] = {
+    "advertiser_campaign": {
+        "id_from_network": STRING,
+        "name": STRING,
+        "status": STRING,
+    },
+    "dynamic_number_pool": {
+        "id": INTEGER,
+        "id_from_network": STRING,
+        "name": STRING,
+        "object_url": STRING,
+        "pool_type": STRING,
+        "destination_type": STRING,
+        "lifetime_seconds": INTEGER,
+        "max_pool_size": INTEGER,
+        "preferred": BOOLEAN,
+        "is_first_preference": BOOLEAN,
+        "use_custom_data": BOOLEAN,
+        "destination_phone_number": STRING,
+        "fill_immediately": BOOLEAN,
+    },
+}
+
+# Every output column and its kind, in the order records carry them.
+COLUMNS: dict[str, str] = {
+    "id": INTEGER,
+    "network_id": STRING,
+    **{name: kind for name, kind in TOP_LEVEL.items() if name != "id"},
+    **{
+        f"{obj}_{member}": kind
+        for obj, members in SUB_OBJECTS.items()
+        for member, kind in members.items()
+    },
+}
+
+KNOWN_TOP_LEVEL = frozenset(TOP_LEVEL) | frozenset(SUB_OBJECTS)
+
+_INVOCA_TIMESTAMP = re.compile(
+    r"(\d{4})-(\d\d)-(\d\d) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)\Z",
+)
+_TRUE = frozenset({"true", "t", "1", "yes"})
+_FALSE = frozenset({"false", "f", "0", "no"})
+_INTEGER_STRING = re.compile(r"[+-]?\d+\Z")
+
+
+class RecordShapeError(ValueError):
+    """A source value cannot be turned into its column's type."""
+
+    def __init__(self, record_id: object, column: str, value: object, expected: str) -> None:
+        """Describe the bad value.
+
+        Args:
+            record_id: The destination's id (raw, as received).
+            column: The output column.
+            value: The offending source value.
+            expected: The column kind that was expected.
+        """
+        self.record_id = record_id
+        self.column = column
+        self.value = value
+        super().__init__(
+            f"stream 'destinations', record id {record_id!r}: column '{column}' "
+            f"expects {expected}, got {value!r}",
+        )
+
+
+def to_rfc3339_utc(value: str) -> str:
+    """Return an Invoca timestamp as an RFC 3339 string in UTC.
+
+    The documented Invoca form (``2023-10-19 03:49:21 -0700``) takes a fast path;
+    anything else is parsed by pendulum.
+
+    Args:
+        value: The source timestamp.
+
+    Returns:
+        The same instant, e.g. ``2023-10-19T10:49:21+00:00``.
+
+    Raises:
+        ValueError: If the value is not a timestamp.
+    """
+    match = _INVOCA_TIMESTAMP.match(value)
+    if match:
+        year, month, day, hour, minute, second, sign, off_h, off_m = match.groups()
+        offset = datetime.timedelta(hours=int(off_h), minutes=int(off_m))
+        local = datetime.datetime(  # noqa: DTZ001 - naive on purpose; offset applied below
+            int(year), int(month), int(day), int(hour), int(minute), int(second)
+        )
+        utc = local - offset if sign == "+" else local + offset
+        return utc.isoformat() + "+00:00"
+    parsed = pendulum.parse(value, exact=True)
+    if not isinstance(parsed, datetime.datetime):
+        msg = f"not a date-time: {value!r}"
+        raise ValueError(msg)  # noqa: TRY004 - callers catch ValueError
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=datetime.timezone.utc)
+    return parsed.astimezone(datetime.timezone.utc).isoformat()
+
+
+def _coerce(value: object, kind: str, record_id: object, column: str) -> object:  # noqa: C901, PLR0911
+    """Coerce a non-null source value to its column kind (slow path; see shape_record)."""
+    if kind == STRING:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif kind == INTEGER:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and _INTEGER_STRING.match(value.strip()):
+            return int(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif kind == BOOLEAN:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            lowered = value.strip().lower()
+            if lowered in _TRUE:
+                return True
+            if lowered in _FALSE:
+                return False
+        if isinstance(value, int) and value in {0, 1}:
+            return bool(value)
+    elif kind == TIMESTAMP and isinstance(value, str):
+        try:
+            return to_rfc3339_utc(value)
+        except (ValueError, TypeError, OverflowError):
+            pass
+    raise RecordShapeError(record_id, column, value, "a date-time" if kind == TIMESTAMP else kind)
+
+
+# The Python type a value already has when no coercion is needed, per kind.
+_NATIVE: dict[str, type] = {STRING: str, INTEGER: int, BOOLEAN: bool}
+
+
+# Precomputed (source member, column, kind) triples so shaping does no string work per record.
+_TOP_LEVEL_PLAN = tuple((name, name, kind) for name, kind in TOP_LEVEL.items() if name != "id")
+_SUB_OBJECT_PLAN = tuple(
+    (obj, tuple((member, f"{obj}_{member}", kind) for member, kind in members.items()))
+    for obj, members in SUB_OBJECTS.items()
+)
+
+
+def shape_record(raw: dict[str, t.Any], network_id: str) -> dict[str, t.Any]:
+    """Flatten and type one raw destination into the contract's columns.
+
+    Args:
+        raw: The destination as received from Invoca.
+        network_id: The configured network, added as a column.
+
+    Returns:
+        A record with exactly the columns of ``COLUMNS``, in that order.
+
+    Raises:
+        RecordShapeError: If a value cannot be coerced to its column's type, or
+            the record has no id.
+    """
+    record_id = raw.get("id")
+    if record_id is None:
+        raise RecordShapeError(record_id, "id", None, INTEGER)
+    out: dict[str, t.Any] = {
+        "id": record_id if type(record_id) is int else _coerce(record_id, INTEGER, record_id, "id"),
+        "network_id": network_id,
+    }
+    for member, column, kind in _TOP_LEVEL_PLAN:
+        value = raw.get(member)
+        if value is None or type(value) is _NATIVE.get(kind):
+            out[column] = value
+        else:
+            out[column] = _coerce(value, kind, record_id, column)
+    for obj, plan in _SUB_OBJECT_PLAN:
+        sub = raw.get(obj)
+        if sub is None:
+            sub = {}
+        elif not isinstance(sub, dict):
+            raise RecordShapeError(record_id, obj, sub, "an object")
+        for member, column, kind in plan:
+            value = sub.get(member)
+            if value is None or type(value) is _NATIVE.get(kind):
+                out[column] = value
+            else:
+                out[column] = _coerce(value, kind, record_id, column)
+    return out
+
+
+def unknown_fields(raw: dict[str, t.Any]) -> set[str]:
+    """Return the dotted names of fields the tap does not know in one raw destination.
+
+    Args:
+        raw: The destination as received from Invoca.
+
+    Returns:
+        Names such as ``new_field`` or ``dynamic_number_pool.new_member``.
+    """
+    found = {name for name in raw if name not in KNOWN_TOP_LEVEL}
+    for obj, members in SUB_OBJECTS.items():
+        sub = raw.get(obj)
+        if isinstance(sub, dict):
+            found.update(f"{obj}.{member}" for member in sub if member not in members)
+    return found
