@@ -12,6 +12,7 @@ import time
 import typing as t
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from http import HTTPStatus
 from urllib.parse import urlparse
 
@@ -128,9 +129,9 @@ class InvocaStream(RESTStream[int]):
             "User-Agent": self.user_agent,
         }
 
-    @property
+    @cached_property
     @override
-    def user_agent(self) -> str:  # type: ignore[override]
+    def user_agent(self) -> str:
         return self.config.get("user_agent") or f"tap-invoca-destinations/{self._tap.plugin_version}"
 
     @property

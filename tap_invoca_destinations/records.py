@@ -61,10 +61,10 @@ COLUMNS: dict[str, str] = {
 }
 
 KNOWN_TOP_LEVEL = frozenset(TOP_LEVEL) | frozenset(SUB_OBJECTS)
+_MEMBER_SETS = {obj: frozenset(members) for obj, members in SUB_OBJECTS.items()}
 
-_INVOCA_TIMESTAMP = re.compile(
-    r"(\d{4})-(\d\d)-(\d\d) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)\Z",
-)
+_OFFSET_FORM = re.compile(r"[+-]\d{4}\Z")
+_OFFSETS: dict[str, datetime.timedelta] = {}  # "-0700" -> timedelta, filled as seen
 _TRUE = frozenset({"true", "t", "1", "yes"})
 _FALSE = frozenset({"false", "f", "0", "no"})
 _INTEGER_STRING = re.compile(r"[+-]?\d+\Z")
@@ -91,6 +91,19 @@ class RecordShapeError(ValueError):
         )
 
 
+def _utc_offset(text: str) -> datetime.timedelta:
+    """Return the offset of Invoca's ``-0700`` notation, cached per distinct offset."""
+    offset = _OFFSETS.get(text)
+    if offset is None:
+        if not _OFFSET_FORM.match(text):
+            msg = f"not a UTC offset: {text!r}"
+            raise ValueError(msg)
+        offset = datetime.timedelta(hours=int(text[1:3]), minutes=int(text[3:5]))
+        offset = -offset if text[0] == "-" else offset
+        _OFFSETS[text] = offset
+    return offset
+
+
 def to_rfc3339_utc(value: str) -> str:
     """Return an Invoca timestamp as an RFC 3339 string in UTC.
 
@@ -106,15 +119,12 @@ def to_rfc3339_utc(value: str) -> str:
     Raises:
         ValueError: If the value is not a timestamp.
     """
-    match = _INVOCA_TIMESTAMP.match(value)
-    if match:
-        year, month, day, hour, minute, second, sign, off_h, off_m = match.groups()
-        offset = datetime.timedelta(hours=int(off_h), minutes=int(off_m))
-        local = datetime.datetime(  # noqa: DTZ001 - naive on purpose; offset applied below
-            int(year), int(month), int(day), int(hour), int(minute), int(second)
-        )
-        utc = local - offset if sign == "+" else local + offset
-        return utc.isoformat() + "+00:00"
+    if len(value) == 25 and value[10] == " " and value[19] == " ":  # noqa: PLR2004
+        try:
+            local = datetime.datetime.fromisoformat(value[:19])
+            return (local - _utc_offset(value[20:])).isoformat() + "+00:00"
+        except ValueError:
+            pass  # not the documented form after all: let pendulum decide
     parsed = pendulum.parse(value, exact=True)
     if not isinstance(parsed, datetime.datetime):
         msg = f"not a date-time: {value!r}"
@@ -124,9 +134,15 @@ def to_rfc3339_utc(value: str) -> str:
     return parsed.astimezone(datetime.timezone.utc).isoformat()
 
 
-def _coerce(value: object, kind: str, record_id: object, column: str) -> object:  # noqa: C901, PLR0911
-    """Coerce a non-null source value to its column kind (slow path; see shape_record)."""
-    if kind == STRING:
+def _coerce(value: object, kind: str, record_id: object, column: str) -> object:  # noqa: C901, PLR0911, PLR0912
+    """Coerce a non-null value that is not already of its column's Python type."""
+    if kind is TIMESTAMP:
+        if isinstance(value, str):
+            try:
+                return to_rfc3339_utc(value)
+            except (ValueError, TypeError, OverflowError):
+                pass
+    elif kind == STRING:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -149,11 +165,6 @@ def _coerce(value: object, kind: str, record_id: object, column: str) -> object:
                 return False
         if isinstance(value, int) and value in {0, 1}:
             return bool(value)
-    elif kind == TIMESTAMP and isinstance(value, str):
-        try:
-            return to_rfc3339_utc(value)
-        except (ValueError, TypeError, OverflowError):
-            pass
     raise RecordShapeError(record_id, column, value, "a date-time" if kind == TIMESTAMP else kind)
 
 
@@ -220,9 +231,11 @@ def unknown_fields(raw: dict[str, t.Any]) -> set[str]:
     Returns:
         Names such as ``new_field`` or ``dynamic_number_pool.new_member``.
     """
-    found = {name for name in raw if name not in KNOWN_TOP_LEVEL}
-    for obj, members in SUB_OBJECTS.items():
+    found: set[str] = set()
+    if not raw.keys() <= KNOWN_TOP_LEVEL:  # a subset test allocates nothing: the usual case
+        found.update(str(name) for name in raw.keys() - KNOWN_TOP_LEVEL)
+    for obj, members in _MEMBER_SETS.items():
         sub = raw.get(obj)
-        if isinstance(sub, dict):
-            found.update(f"{obj}.{member}" for member in sub if member not in members)
+        if isinstance(sub, dict) and not sub.keys() <= members:
+            found.update(f"{obj}.{member}" for member in sub.keys() - members)
     return found

@@ -8,6 +8,7 @@ import typing as t
 
 from singer_sdk import typing as th
 from singer_sdk.helpers._typing import TypeConformanceLevel
+from singer_sdk.mapper import SameRecordTransform
 
 from tap_invoca_destinations.client import InvocaError, InvocaStream
 from tap_invoca_destinations.records import (
@@ -29,6 +30,8 @@ if t.TYPE_CHECKING:
     from collections.abc import Iterator
 
     from singer_sdk.helpers.types import Context
+
+    from tap_invoca_destinations.tap import BufferedSingerWriter
 
 _SCHEMA_TYPES: dict[str, type[th.JSONTypeHelper[t.Any]]] = {
     INTEGER: th.IntegerType,
@@ -66,6 +69,8 @@ class DestinationsStream(InvocaStream):
         """Initialise the stream and its schema-drift tracker."""
         super().__init__(*args, **kwargs)
         self.unknown_fields_seen: set[str] = set()
+        self._direct_write: bool | None = None
+        self._time_extracted = ""
 
     @property
     @override
@@ -94,6 +99,7 @@ class DestinationsStream(InvocaStream):
         only_tracked = not self.config.get("include_inactive", True)
         since = self._starting_updated_at(context)
         for raw_records in self.iter_pages():
+            self._time_extracted = datetime.datetime.now(datetime.timezone.utc).isoformat()
             for raw in raw_records:
                 drift = unknown_fields(raw)
                 if drift - self.unknown_fields_seen:
@@ -108,6 +114,44 @@ class DestinationsStream(InvocaStream):
                 if since is not None and updated_at is not None and updated_at < since:
                     continue
                 yield record
+
+    @override
+    def _write_record_message(self, record: dict[str, t.Any]) -> None:
+        # The SDK copies and walks every record (deselection, conformance) and
+        # builds a message object for it; shaped records need none of that, so
+        # unless stream maps or deselection are in play they go out directly.
+        if self._direct_write is None:
+            self._direct_write = self._can_write_directly()
+        if not self._direct_write:
+            super()._write_record_message(record)
+            return
+        message: dict[str, t.Any] = {"type": "RECORD", "stream": self.name, "record": record}
+        if self._stream_version is not None:
+            message["version"] = self._stream_version
+        message["time_extracted"] = self._time_extracted
+        t.cast("BufferedSingerWriter", self._tap.message_writer).write_record(message)
+        self.state_manager.is_flushed = False
+
+    def _can_write_directly(self) -> bool:
+        from tap_invoca_destinations.tap import BufferedSingerWriter  # noqa: PLC0415 - cycle
+
+        maps = self.stream_maps
+        return (
+            isinstance(self._tap.message_writer, BufferedSingerWriter)
+            and len(maps) == 1
+            and type(maps[0]) is SameRecordTransform
+            and maps[0].stream_alias == self.name
+            and not self.config.get("flattening_enabled")
+            and all(self.mask.get(("properties", name), True) for name in COLUMNS)
+        )
+
+    @override
+    def _increment_stream_state(
+        self, latest_record: dict[str, t.Any], *, context: Context | None = None
+    ) -> None:
+        # A null updated_at moves no bookmark; the SDK would log a warning per record.
+        if latest_record.get("updated_at") is not None:
+            super()._increment_stream_state(latest_record, context=context)
 
     def _starting_updated_at(self, context: Context | None) -> str | None:
         """The inclusive lower bound on updated_at, as an RFC 3339 UTC string."""

@@ -54,6 +54,10 @@ class BufferedSingerWriter(GenericSingerWriter[str, Message]):
         if not isinstance(message, RecordMessage):
             sys.stdout.flush()
 
+    def write_record(self, message: dict[str, t.Any]) -> None:
+        """Write an already-built RECORD message dict (no flush; see class docstring)."""
+        sys.stdout.write(json.dumps(message, separators=(",", ":")) + "\n")
+
 
 def _is_loopback(host: str) -> bool:
     if host == "localhost":

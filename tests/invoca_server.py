@@ -323,7 +323,7 @@ class InvocaServer:
             self.insert(faults.insert_count, at=faults.insert_at)
 
     def _listing(self, query: dict[str, str]) -> list[int]:
-        key = tuple(sorted(query.items()))
+        key = tuple(sorted((k, v) for k, v in query.items() if k not in {"start", "limit"}))
         with self.lock:
             cached = self._cache.get(key)
             if cached is not None:

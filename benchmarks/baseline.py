@@ -1,0 +1,58 @@
+"""The yardstick: a minimal hand-written extractor doing the tap's work, nothing more.
+
+One requests.Session, sequential offset pages, stdlib json, flatten the two
+sub-objects, normalise Invoca timestamps to RFC 3339 UTC, one Singer RECORD
+line per destination on stdout. No retries, no integrity checks, no coercion.
+
+Usage: python benchmarks/baseline.py BASE_URL TOKEN [PAGE_SIZE]
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+
+import requests
+
+TIMESTAMPS = ("created_at", "updated_at", "acknowledged_at", "ignored_at", "notified_at")
+SUB_OBJECTS = ("advertiser_campaign", "dynamic_number_pool")
+
+
+def normalise(value: str | None) -> str | None:
+    if value is None:
+        return None
+    moment = datetime.datetime.strptime(value, "%Y-%m-%d %H:%M:%S %z")
+    return moment.astimezone(datetime.timezone.utc).isoformat()
+
+
+def main() -> None:
+    base_url, token = sys.argv[1], sys.argv[2]
+    page_size = int(sys.argv[3]) if len(sys.argv) > 3 else 100
+    url = f"{base_url}/api/2022-08-01/1234/customer_phone_numbers.json"
+    session = requests.Session()
+    session.headers["Authorization"] = token
+    out = sys.stdout
+    start = 0
+    while True:
+        body = session.get(url, params={"limit": page_size, "start": start}, timeout=60).json()
+        data = body["data"]
+        if not data:
+            break
+        for raw in data:
+            record = {k: v for k, v in raw.items() if k not in SUB_OBJECTS}
+            for name in TIMESTAMPS:
+                record[name] = normalise(record.get(name))
+            for obj in SUB_OBJECTS:
+                for member, value in (raw.get(obj) or {}).items():
+                    record[f"{obj}_{member}"] = value
+            out.write(json.dumps({"type": "RECORD", "stream": "destinations", "record": record}))
+            out.write("\n")
+        start += len(data)
+        if start >= body["recordsTotal"]:
+            break
+    out.flush()
+
+
+if __name__ == "__main__":
+    main()
