@@ -7,7 +7,7 @@ import sys
 import typing as t
 
 from singer_sdk import typing as th
-from singer_sdk.helpers._typing import TypeConformanceLevel
+from singer_sdk.helpers.conform import TypeConformanceLevel
 from singer_sdk.mapper import SameRecordTransform
 
 from tap_invoca_destinations.client import InvocaError, InvocaStream

@@ -1,0 +1,170 @@
+"""Unit tests: flattening, coercion and timestamp parsing of single records."""
+
+from __future__ import annotations
+
+import datetime
+
+import pendulum
+import pytest
+
+from tap_invoca_destinations.records import (
+    COLUMNS,
+    RecordShapeError,
+    shape_record,
+    to_rfc3339_utc,
+    unknown_fields,
+)
+
+FULL = {
+    "id": 17,
+    "country_code": "1",
+    "phone_number": "202-555-0001",
+    "primary_url": "",
+    "requested_destination_name": "Zürich — Süd",
+    "acknowledged_at": None,
+    "ignored_at": None,
+    "notified_at": "2023-10-19 03:49:21 +0000",
+    "created_at": "2023-10-19 03:49:21 -0700",
+    "updated_at": "2023-10-20 00:00:00 +0530",
+    "advertiser_campaign": {"id_from_network": "7", "name": "Spring", "status": "Activated"},
+    "dynamic_number_pool": {
+        "id": "42",
+        "id_from_network": "RP-1",
+        "name": "Pool",
+        "object_url": "https://invoca.net/x",
+        "pool_type": "Custom",
+        "destination_type": "Advertiser",
+        "lifetime_seconds": "3600",
+        "max_pool_size": 5,
+        "preferred": "false",
+        "is_first_preference": True,
+        "use_custom_data": "TRUE",
+        "destination_phone_number": "202-555-0002",
+        "fill_immediately": 0,
+    },
+}
+
+
+def test_contract_example_timestamp() -> None:
+    assert to_rfc3339_utc("2023-10-19 03:49:21 -0700") == "2023-10-19T10:49:21+00:00"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2023-10-19 03:49:21 -0700",
+        "2023-10-19 03:49:21 +0000",
+        "2023-12-31 23:59:59 -0930",
+        "2024-02-29 00:30:00 +1245",
+        "2023-03-12 02:30:00 +0530",
+    ],
+)
+def test_fast_path_agrees_with_pendulum(value: str) -> None:
+    expected = pendulum.from_format(value, "YYYY-MM-DD HH:mm:ss ZZ").in_timezone("UTC")
+    assert to_rfc3339_utc(value) == expected.isoformat()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2023-10-19T10:49:21Z", "2023-10-19T10:49:21+00:00"),
+        ("2023-10-19T03:49:21-07:00", "2023-10-19T10:49:21+00:00"),
+        ("2023-10-19T10:49:21.250+00:00", "2023-10-19T10:49:21.250000+00:00"),
+    ],
+)
+def test_other_forms_fall_back_to_pendulum(value: str, expected: str) -> None:
+    assert to_rfc3339_utc(value) == expected
+
+
+@pytest.mark.parametrize("value", ["yesterday", "2023-13-45 03:49:21 -0700", "2023-10-19 03:49:21 -07x0"])
+def test_bad_timestamps_raise(value: str) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011
+        to_rfc3339_utc(value)
+
+
+def test_shape_full_record() -> None:
+    record = shape_record(FULL, "1234")
+    assert list(record) == list(COLUMNS)
+    assert record["id"] == 17
+    assert record["network_id"] == "1234"
+    assert record["primary_url"] == ""
+    assert record["requested_destination_name"] == "Zürich — Süd"
+    assert record["created_at"] == "2023-10-19T10:49:21+00:00"
+    assert record["updated_at"] == "2023-10-19T18:30:00+00:00"
+    assert record["notified_at"] == "2023-10-19T03:49:21+00:00"
+    assert record["acknowledged_at"] is None
+    assert record["advertiser_campaign_name"] == "Spring"
+    assert record["dynamic_number_pool_id"] == 42
+    assert record["dynamic_number_pool_lifetime_seconds"] == 3600
+    assert record["dynamic_number_pool_max_pool_size"] == 5
+    assert record["dynamic_number_pool_preferred"] is False
+    assert record["dynamic_number_pool_is_first_preference"] is True
+    assert record["dynamic_number_pool_use_custom_data"] is True
+    assert record["dynamic_number_pool_fill_immediately"] is False
+
+
+@pytest.mark.parametrize("form", ["null", "absent", "all-null"])
+def test_missing_sub_objects_give_null_columns(form: str) -> None:
+    raw = {k: v for k, v in FULL.items() if k != "dynamic_number_pool"}
+    if form == "null":
+        raw["dynamic_number_pool"] = None
+    elif form == "all-null":
+        raw["dynamic_number_pool"] = dict.fromkeys(FULL["dynamic_number_pool"])  # type: ignore[arg-type]
+    record = shape_record(raw, "1")
+    pool_columns = [c for c in COLUMNS if c.startswith("dynamic_number_pool_")]
+    assert len(pool_columns) == 13
+    assert all(record[c] is None for c in pool_columns)
+    assert record["advertiser_campaign_status"] == "Activated"
+
+
+def test_absent_fields_are_null_and_id_string_is_coerced() -> None:
+    record = shape_record({"id": "0099"}, "1")
+    assert record["id"] == 99
+    assert set(record) == set(COLUMNS)
+    assert all(v is None for k, v in record.items() if k not in {"id", "network_id"})
+
+
+@pytest.mark.parametrize(
+    ("raw", "column", "value"),
+    [
+        ({"id": "value"}, "id", "value"),
+        ({"id": 5, "dynamic_number_pool": {"max_pool_size": "lots"}}, "dynamic_number_pool_max_pool_size", "lots"),
+        ({"id": 5, "dynamic_number_pool": {"preferred": "maybe"}}, "dynamic_number_pool_preferred", "maybe"),
+        ({"id": 5, "dynamic_number_pool": {"preferred": 2}}, "dynamic_number_pool_preferred", 2),
+        ({"id": 5, "created_at": "soon"}, "created_at", "soon"),
+        ({"id": 5, "updated_at": ""}, "updated_at", ""),
+        ({"id": 5, "phone_number": {"n": 1}}, "phone_number", {"n": 1}),
+        ({"id": 5, "advertiser_campaign": "x"}, "advertiser_campaign", "x"),
+    ],
+)
+def test_uncoercible_values_name_stream_id_column_value(raw: dict, column: str, value: object) -> None:
+    with pytest.raises(RecordShapeError) as caught:
+        shape_record(raw, "1")
+    message = str(caught.value)
+    assert "destinations" in message
+    assert repr(raw["id"]) in message
+    assert f"'{column}'" in message
+    assert repr(value) in message
+
+
+def test_missing_id_is_an_error() -> None:
+    with pytest.raises(RecordShapeError, match="'id'"):
+        shape_record({"phone_number": "1"}, "1")
+
+
+def test_numbers_in_string_columns_become_strings() -> None:
+    assert shape_record({"id": 1, "country_code": 44}, "1")["country_code"] == "44"
+
+
+def test_unknown_fields_are_named_with_their_object() -> None:
+    raw = {**FULL, "brand_new": 1, "dynamic_number_pool": {**FULL["dynamic_number_pool"], "auto": 1}}  # type: ignore[dict-item]
+    assert unknown_fields(raw) == {"brand_new", "dynamic_number_pool.auto"}
+    assert unknown_fields(FULL) == set()
+    assert "brand_new" not in shape_record(raw, "1")
+
+
+def test_timestamp_output_is_an_instant_in_utc() -> None:
+    out = to_rfc3339_utc("2023-10-19 03:49:21 -0700")
+    parsed = datetime.datetime.fromisoformat(out)
+    assert parsed.utcoffset() == datetime.timedelta(0)
+    assert parsed == datetime.datetime(2023, 10, 19, 10, 49, 21, tzinfo=datetime.timezone.utc)
