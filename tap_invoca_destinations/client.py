@@ -136,8 +136,9 @@ class InvocaStream(RESTStream[int]):
 
     @property
     @override
-    def timeout(self) -> int:
-        return self.config.get("request_timeout", 60)
+    def timeout(self) -> float:  # type: ignore[override]
+        # Config numbers may arrive as Decimal (the SDK's JSON reader); sockets want float.
+        return float(self.config.get("request_timeout", 60))
 
     @property
     @override

@@ -99,7 +99,8 @@ def run_cli(
         cwd=tmp_path,
         check=False,
     )
-    messages = _parse(result.stdout) if result.returncode == 0 and "--about" not in args else []
+    syncs = not {"--about", "--discover", "--version"} & set(args)
+    messages = _parse(result.stdout) if result.returncode == 0 and syncs else []
     return TapRun(result.returncode, result.stdout, result.stderr, messages)
 
 
