@@ -9,7 +9,7 @@ Usage: python benchmarks/baseline.py BASE_URL TOKEN [PAGE_SIZE]
 
 from __future__ import annotations
 
-import datetime
+import datetime as dt
 import json
 import sys
 
@@ -22,8 +22,8 @@ SUB_OBJECTS = ("advertiser_campaign", "dynamic_number_pool")
 def normalise(value: str | None) -> str | None:
     if value is None:
         return None
-    moment = datetime.datetime.strptime(value, "%Y-%m-%d %H:%M:%S %z")
-    return moment.astimezone(datetime.timezone.utc).isoformat()
+    moment = dt.datetime.strptime(value, "%Y-%m-%d %H:%M:%S %z")
+    return moment.astimezone(dt.timezone.utc).isoformat()
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import email.utils
+import itertools
 import json
 import random
 import sys
@@ -132,7 +133,9 @@ class InvocaStream(RESTStream[int]):
     @cached_property
     @override
     def user_agent(self) -> str:
-        return self.config.get("user_agent") or f"tap-invoca-destinations/{self._tap.plugin_version}"
+        return (
+            self.config.get("user_agent") or f"tap-invoca-destinations/{self._tap.plugin_version}"
+        )
 
     @property
     @override
@@ -254,14 +257,11 @@ class InvocaStream(RESTStream[int]):
                 self.validate_response(response)
                 return self.decode_page(response, start, limit)
             except RetriableAPIError as exc:
-                response = exc.response
-                reason = f"HTTP {response.status_code}" if response is not None else "error"
-                retry_after = (
-                    retry_after_seconds(response.headers.get("Retry-After"))
-                    if response is not None
-                    else None
-                )
-                if response is not None and response.status_code == HTTPStatus.TOO_MANY_REQUESTS:
+                # validate_response always attaches the response to retriable errors.
+                failed = t.cast("requests.Response", exc.response)
+                reason = f"HTTP {failed.status_code}"
+                retry_after = retry_after_seconds(failed.headers.get("Retry-After"))
+                if failed.status_code == HTTPStatus.TOO_MANY_REQUESTS:
                     self._lower_concurrency()
                 failure = str(exc)
             except RETRIABLE_EXCEPTIONS as exc:
@@ -346,7 +346,7 @@ class InvocaStream(RESTStream[int]):
                 page = future.result()
                 known_total = page.total
                 ids = page.ids
-                if any(a >= b for a, b in zip(ids, ids[1:])):
+                if any(a >= b for a, b in itertools.pairwise(ids)):
                     msg = (
                         f"Invoca returned ids out of order at start={start} "
                         f"(sort_by=id ignored?); paging would not be safe"
@@ -412,5 +412,3 @@ def invoca_error_text(response: requests.Response) -> str:
             parts.append(f"{key}: {text}")
         return quote_body(", ".join(parts))
     return quote_body(json.dumps(body))
-
-

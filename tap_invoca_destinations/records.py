@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import datetime
+import datetime as dt
 import re
 import typing as t
 
@@ -64,7 +64,7 @@ KNOWN_TOP_LEVEL = frozenset(TOP_LEVEL) | frozenset(SUB_OBJECTS)
 _MEMBER_SETS = {obj: frozenset(members) for obj, members in SUB_OBJECTS.items()}
 
 _OFFSET_FORM = re.compile(r"[+-]\d{4}\Z")
-_OFFSETS: dict[str, datetime.timedelta] = {}  # "-0700" -> timedelta, filled as seen
+_OFFSETS: dict[str, dt.timedelta] = {}  # "-0700" -> timedelta, filled as seen
 _TRUE = frozenset({"true", "t", "1", "yes"})
 _FALSE = frozenset({"false", "f", "0", "no"})
 _INTEGER_STRING = re.compile(r"[+-]?\d+\Z")
@@ -91,14 +91,14 @@ class RecordShapeError(ValueError):
         )
 
 
-def _utc_offset(text: str) -> datetime.timedelta:
+def _utc_offset(text: str) -> dt.timedelta:
     """Return the offset of Invoca's ``-0700`` notation, cached per distinct offset."""
     offset = _OFFSETS.get(text)
     if offset is None:
         if not _OFFSET_FORM.match(text):
             msg = f"not a UTC offset: {text!r}"
             raise ValueError(msg)
-        offset = datetime.timedelta(hours=int(text[1:3]), minutes=int(text[3:5]))
+        offset = dt.timedelta(hours=int(text[1:3]), minutes=int(text[3:5]))
         offset = -offset if text[0] == "-" else offset
         _OFFSETS[text] = offset
     return offset
@@ -121,17 +121,17 @@ def to_rfc3339_utc(value: str) -> str:
     """
     if len(value) == 25 and value[10] == " " and value[19] == " ":  # noqa: PLR2004
         try:
-            local = datetime.datetime.fromisoformat(value[:19])
+            local = dt.datetime.fromisoformat(value[:19])
             return (local - _utc_offset(value[20:])).isoformat() + "+00:00"
         except ValueError:
             pass  # not the documented form after all: let pendulum decide
     parsed = pendulum.parse(value, exact=True)
-    if not isinstance(parsed, datetime.datetime):
+    if not isinstance(parsed, pendulum.DateTime):
         msg = f"not a date-time: {value!r}"
         raise ValueError(msg)  # noqa: TRY004 - callers catch ValueError
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=datetime.timezone.utc)
-    return parsed.astimezone(datetime.timezone.utc).isoformat()
+        parsed = parsed.replace(tzinfo=dt.timezone.utc)
+    return parsed.astimezone(dt.timezone.utc).isoformat()
 
 
 def _coerce(value: object, kind: str, record_id: object, column: str) -> object:  # noqa: C901, PLR0911, PLR0912

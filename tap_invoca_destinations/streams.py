@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import datetime
+import datetime as dt
 import sys
 import typing as t
 
@@ -99,7 +99,7 @@ class DestinationsStream(InvocaStream):
         only_tracked = not self.config.get("include_inactive", True)
         since = self._starting_updated_at(context)
         for raw_records in self.iter_pages():
-            self._time_extracted = datetime.datetime.now(datetime.timezone.utc).isoformat()
+            self._time_extracted = dt.datetime.now(dt.timezone.utc).isoformat()
             for raw in raw_records:
                 drift = unknown_fields(raw)
                 if drift - self.unknown_fields_seen:
@@ -161,7 +161,7 @@ class DestinationsStream(InvocaStream):
         if start is None:
             return None
         # Same shape as emitted values (UTC, "+00:00"), so plain string comparison orders them.
-        return start.astimezone(datetime.timezone.utc).isoformat()
+        return start.astimezone(dt.timezone.utc).isoformat()
 
     def _report_drift(self, names: set[str]) -> None:
         new = sorted(names - self.unknown_fields_seen)

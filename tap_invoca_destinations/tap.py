@@ -212,8 +212,9 @@ class TapInvocaDestinations(Tap):
                 if "integer" in str(prop.get("type"))
                 and not os.environ.get(f"{prefix}{key.upper()}", "0").strip().lstrip("-").isdigit()
             )
+            msg = "Config validation failed"
             raise ConfigValidationError(
-                "Config validation failed",
+                msg,
                 errors=bad or ["an environment setting has a bad value"],
             ) from None
 
@@ -222,13 +223,12 @@ class TapInvocaDestinations(Tap):
         # The SDK's messages quote offending values (a mistyped api_token would be
         # printed) and cannot express cross-setting rules; ours name keys only.
         config = self._config
-        if isinstance(config.get("network_id"), int) and not isinstance(
-            config["network_id"], bool
-        ):
+        if isinstance(config.get("network_id"), int) and not isinstance(config["network_id"], bool):
             config["network_id"] = str(config["network_id"])
         errors = [*self._schema_errors(), *self._rule_errors()]
         if errors and raise_errors:
-            raise ConfigValidationError("Config validation failed", errors=errors)
+            msg = "Config validation failed"
+            raise ConfigValidationError(msg, errors=errors)
         for error in errors:
             self.logger.warning("Config: %s", error)
         return errors
@@ -282,13 +282,14 @@ class TapInvocaDestinations(Tap):
     def discover_streams(self) -> list[Stream]:
         return [DestinationsStream(tap=self)]
 
+    @classmethod
     @override
-    def sync_all(self) -> None:
+    def invoke(cls, **kwargs: t.Any) -> None:
         try:
-            super().sync_all()
+            super().invoke(**kwargs)
         except InvocaError as exc:
             # One readable line at the default level; the traceback only at DEBUG.
             sys.stdout.flush()
-            self.logger.debug("Traceback of the failure below", exc_info=True)
-            self.logger.error("Sync failed: %s", exc)  # noqa: TRY400
+            cls.logger.debug("Traceback of the failure below", exc_info=True)
+            cls.logger.error("Sync failed: %s", exc)  # noqa: TRY400
             sys.exit(1)

@@ -12,9 +12,10 @@ import typing as t
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from invoca_server import InvocaServer
-
 from tap_invoca_destinations.tap import TapInvocaDestinations
+
+if t.TYPE_CHECKING:
+    from invoca_server import InvocaServer
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "TAP_INVOCA_DESTINATIONS_"
@@ -90,7 +91,7 @@ def run_cli(
         catalog_path.write_text(json.dumps(catalog))
         command += ["--catalog", str(catalog_path)]
     command += list(args)
-    result = subprocess.run(  # noqa: S603
+    result = subprocess.run(
         command,
         capture_output=True,
         text=True,

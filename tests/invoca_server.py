@@ -21,35 +21,42 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import datetime
+import datetime as dt
 import email.utils
 import json
 import socket
+import sys
 import threading
 import time
 import typing as t
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
-UTC = datetime.timezone.utc
+if sys.version_info >= (3, 11):
+    from typing import Self
+else:  # pragma: no cover
+    from typing_extensions import Self
+
+
+UTC = dt.timezone.utc
 NETWORK_ID = "1234"
 API_VERSION = "2022-08-01"
 DEFAULT_TOKEN = "local-test-token"  # noqa: S105 - a placeholder for the local server
 OFFSETS = [-7 * 60, -4 * 60, 0, 5 * 60 + 30, -(9 * 60 + 30), 12 * 60 + 45]
-EPOCH = datetime.datetime(2023, 1, 1, tzinfo=UTC)
+EPOCH = dt.datetime(2023, 1, 1, tzinfo=UTC)
 UNICODE_NAMES = ["Café Ünïcode", "東京 支店", "Zürich — Süd", "Ñandú 🚀"]
 
 
-def rfc3339(moment: datetime.datetime | None) -> str | None:
+def rfc3339(moment: dt.datetime | None) -> str | None:
     """The contract's output form of an instant: RFC 3339 in UTC."""
     return None if moment is None else moment.astimezone(UTC).isoformat()
 
 
-def invoca_time(moment: datetime.datetime | None, offset_minutes: int) -> str | None:
+def invoca_time(moment: dt.datetime | None, offset_minutes: int) -> str | None:
     """Invoca's wire form: ``2023-10-19 03:49:21 -0700``."""
     if moment is None:
         return None
-    local = moment.astimezone(datetime.timezone(datetime.timedelta(minutes=offset_minutes)))
+    local = moment.astimezone(dt.timezone(dt.timedelta(minutes=offset_minutes)))
     return local.strftime("%Y-%m-%d %H:%M:%S %z")
 
 
@@ -67,19 +74,17 @@ class Destination:
         return json.dumps(self.wire, ensure_ascii=False).encode()
 
 
-def make_destination(index: int, dest_id: int, moment: datetime.datetime | None = None) -> Destination:  # noqa: PLR0915
+def make_destination(index: int, dest_id: int, moment: dt.datetime | None = None) -> Destination:
     """Build destination number ``index`` deterministically."""
     i = index
-    created = moment or EPOCH + datetime.timedelta(minutes=7 * i, seconds=i % 60)
-    updated = None if i % 97 == 5 else created + datetime.timedelta(hours=i % 500, seconds=i % 7)
+    created = moment or EPOCH + dt.timedelta(minutes=7 * i, seconds=i % 60)
+    updated = None if i % 97 == 5 else created + dt.timedelta(hours=i % 500, seconds=i % 7)
     kind = i % 10
-    ignored_at = created + datetime.timedelta(days=1) if kind == 3 else None
+    ignored_at = created + dt.timedelta(days=1) if kind == 3 else None
     tracked = kind not in {3, 7, 8, 9}
-    acknowledged = created + datetime.timedelta(hours=2) if i % 4 == 0 else None
-    notified = created + datetime.timedelta(minutes=30) if i % 6 == 1 else None
-    name = (
-        f"{UNICODE_NAMES[i % len(UNICODE_NAMES)]} {i}" if i % 13 == 0 else f"Destination {i}"
-    )
+    acknowledged = created + dt.timedelta(hours=2) if i % 4 == 0 else None
+    notified = created + dt.timedelta(minutes=30) if i % 6 == 1 else None
+    name = f"{UNICODE_NAMES[i % len(UNICODE_NAMES)]} {i}" if i % 13 == 0 else f"Destination {i}"
     phone = f"{200 + i % 700:03d}-555-{i % 10000:04d}"
     campaign: dict[str, t.Any] | None = {
         "id_from_network": f"AC-{i % 40}",
@@ -246,8 +251,7 @@ class InvocaServer:
     @property
     def url(self) -> str:
         """Base URL to give the tap as ``base_url``."""
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://127.0.0.1:{self._httpd.server_port}"
 
     def ids(self) -> list[int]:
         """Ids of the destinations that exist now, ascending."""
@@ -273,7 +277,7 @@ class InvocaServer:
             self._bytes[dest_id] = json.dumps(wire).encode()
             self._cache.clear()
 
-    def touch(self, ids: t.Iterable[int], when: datetime.datetime) -> None:
+    def touch(self, ids: t.Iterable[int], when: dt.datetime) -> None:
         """Change destinations: set their updated_at to ``when`` (and rename them)."""
         with self.lock:
             for dest_id in ids:
@@ -361,7 +365,7 @@ class InvocaServer:
 
     # --- lifecycle --------------------------------------------------------------
 
-    def start(self) -> InvocaServer:
+    def start(self) -> Self:
         """Serve in a background thread."""
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
@@ -372,7 +376,7 @@ class InvocaServer:
         self._httpd.shutdown()
         self._httpd.server_close()
 
-    def __enter__(self) -> InvocaServer:
+    def __enter__(self) -> Self:
         """Start."""
         return self.start()
 
@@ -381,7 +385,7 @@ class InvocaServer:
         self.stop()
 
 
-def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:  # noqa: C901
+def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as Invoca's front end does
 
@@ -402,7 +406,7 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:  # noqa:
         def _error(self, status: int, errors: dict[str, t.Any]) -> None:
             self._send(status, json.dumps({"errors": errors}).encode())
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             with server.lock:
                 server.stats.requests += 1
                 number = server.stats.requests
@@ -417,7 +421,7 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:  # noqa:
                 with server.lock:
                     server.stats.in_flight -= 1
 
-        def _injected_fault(self, number: int) -> bool:  # noqa: C901, PLR0911
+        def _injected_fault(self, number: int) -> bool:
             faults = server.faults
 
             def every(k: int) -> bool:
@@ -449,11 +453,11 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:  # noqa:
                 return True
             if every(faults.non_json_every):
                 self.send_response(200)
-                body = b"<html><body>Service temporarily unavailable</body></html>"
+                html = b"<html><body>Service temporarily unavailable</body></html>"
                 self.send_header("Content-Type", "text/html")
-                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Length", str(len(html)))
                 self.end_headers()
-                self.wfile.write(body)
+                self.wfile.write(html)
                 server.stats.statuses[200] += 1
                 return True
             if every(faults.no_data_every):
@@ -483,19 +487,21 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:  # noqa:
                     server.stats.list_pages += 1
                     pages = server.stats.list_pages
                 if server.faults.mutate_after_page and pages == server.faults.mutate_after_page:
-                    server._mutate()  # noqa: SLF001
+                    server._mutate()
                 return
             if url.path.startswith(prefix + "/") and url.path.endswith(".json"):
                 raw_id = url.path[len(prefix) + 1 : -len(".json")]
                 dest_id = int(raw_id) if raw_id.isdigit() else -1
                 with server.lock:
-                    body = server._bytes.get(dest_id)  # noqa: SLF001
-                if body is None:
+                    found = server._bytes.get(dest_id)
+                if found is None:
                     self._error(404, {"invalid_data": "not found", "class": "RecordNotFound"})
                 else:
-                    self._send(200, body)
+                    self._send(200, found)
                 return
-            self._error(404, {"invalid_data": f"no route for {url.path}", "class": "RecordNotFound"})
+            self._error(
+                404, {"invalid_data": f"no route for {url.path}", "class": "RecordNotFound"}
+            )
 
     return Handler
 
@@ -514,16 +520,24 @@ def main() -> None:
         if isinstance(default, bool):
             parser.add_argument(flag, action="store_true")
         else:
-            kind = float if field.name in {"latency_ms", "slow_seconds"} else (
-                int if isinstance(default, int) or field.name == "fail_times" else str
+            kind = (
+                float
+                if field.name in {"latency_ms", "slow_seconds"}
+                else (int if isinstance(default, int) or field.name == "fail_times" else str)
             )
             parser.add_argument(flag, type=kind, default=default)
     args = parser.parse_args()
-    faults = Faults(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Faults) if f.name != "status_every"})
+    faults = Faults(
+        **{
+            f.name: getattr(args, f.name)
+            for f in dataclasses.fields(Faults)
+            if f.name != "status_every"
+        }
+    )
     server = InvocaServer(args.count, token=args.token, port=args.port, faults=faults)
     print(f"Invoca-compatible server on {server.url} ({args.count} destinations)", flush=True)
     try:
-        server._httpd.serve_forever()  # noqa: SLF001
+        server._httpd.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:

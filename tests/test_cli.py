@@ -6,13 +6,16 @@ import json
 import subprocess
 import sys
 import typing as t
-from pathlib import Path
 
 import pytest
 from helpers import ROOT, clean_env, config_for, run_cli
-from invoca_server import InvocaServer
 
 from tap_invoca_destinations.records import COLUMNS
+
+if t.TYPE_CHECKING:
+    from pathlib import Path
+
+    from invoca_server import InvocaServer
 
 CONTRACT_SETTINGS = [
     "api_token", "network_id", "base_url", "api_version", "status",
@@ -79,7 +82,7 @@ def test_version(tmp_path: Path) -> None:
 def test_python_dash_m_runs_the_tap(tmp_path: Path, server: InvocaServer) -> None:
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps(config_for(server)))
-    result = subprocess.run(  # noqa: S603
+    result = subprocess.run(
         [sys.executable, "-m", "tap_invoca_destinations", "--config", str(config_path)],
         capture_output=True, text=True, env=clean_env(), timeout=120, check=False,
     )  # fmt: skip
@@ -88,7 +91,9 @@ def test_python_dash_m_runs_the_tap(tmp_path: Path, server: InvocaServer) -> Non
     assert len(records) == 250
 
 
-def test_cli_sync_writes_schema_records_state_in_order(tmp_path: Path, server: InvocaServer) -> None:
+def test_cli_sync_writes_schema_records_state_in_order(
+    tmp_path: Path, server: InvocaServer
+) -> None:
     run = run_cli(tmp_path, config_for(server))
     assert run.returncode == 0, run.stderr
     types = [m["type"] for m in run.messages]
@@ -114,8 +119,14 @@ BAD_CONFIGS: list[tuple[dict[str, t.Any], list[str]]] = [
     ({"api_token": "x", "network_id": "1", "base_url": "http://invoca.net"}, ["base_url"]),
     ({"api_token": "x", "network_id": "1", "base_url": "http://10.1.2.3:80"}, ["base_url"]),
     ({"api_token": "x", "network_id": "1", "base_url": "ftp://invoca.net"}, ["base_url"]),
-    ({"api_token": "x", "network_id": "1", "include_inactive": False, "status": "ignored"}, ["include_inactive"]),
-    ({"api_token": "x", "network_id": "1", "include_inactive": False, "status": "discovered"}, ["include_inactive"]),
+    (
+        {"api_token": "x", "network_id": "1", "include_inactive": False, "status": "ignored"},
+        ["include_inactive"],
+    ),
+    (
+        {"api_token": "x", "network_id": "1", "include_inactive": False, "status": "discovered"},
+        ["include_inactive"],
+    ),
     ({"api_token": "x", "network_id": "1", "status": "active"}, ["status"]),
     ({"api_token": "x", "network_id": "1", "page_size": 0}, ["page_size"]),
     ({"api_token": "x", "network_id": "1", "start_date": "last tuesday"}, ["start_date"]),

@@ -37,7 +37,9 @@ def assert_clean_failure(run: TapRun, *needles: str, debug: bool = False) -> Non
         assert needle in errors[0], (needle, errors[0])
 
 
-def serve(make_server: Callable[..., InvocaServer], faults: Faults, count: int = 120) -> InvocaServer:
+def serve(
+    make_server: Callable[..., InvocaServer], faults: Faults, count: int = 120
+) -> InvocaServer:
     return make_server(count, faults=faults, token=TOKEN)
 
 
@@ -61,7 +63,9 @@ def test_transient_statuses_are_retried(
 def test_retry_after_is_honoured(
     tmp_path: Path, make_server: Callable[..., InvocaServer], form: str
 ) -> None:
-    server = serve(make_server, Faults(fail_every=2, fail_status=429, retry_after=form, fail_times=1))
+    server = serve(
+        make_server, Faults(fail_every=2, fail_status=429, retry_after=form, fail_times=1)
+    )
     began = time.monotonic()
     run = run_cli(tmp_path, config_for(server, max_concurrency=1), env=DEBUG)
     elapsed = time.monotonic() - began
@@ -81,7 +85,9 @@ def test_429_lowers_concurrency(tmp_path: Path, make_server: Callable[..., Invoc
     assert "lowering concurrency to 2" in run.stderr
 
 
-def test_dropped_connections_are_retried(tmp_path: Path, make_server: Callable[..., InvocaServer]) -> None:
+def test_dropped_connections_are_retried(
+    tmp_path: Path, make_server: Callable[..., InvocaServer]
+) -> None:
     server = serve(make_server, Faults(drop_every=3))
     run = run_cli(tmp_path, config_for(server, page_size=10), env=DEBUG)
     assert run.returncode == 0, run.stderr
@@ -93,22 +99,32 @@ def test_dropped_connections_are_retried(tmp_path: Path, make_server: Callable[.
 
 def test_timeouts_are_retried(tmp_path: Path, make_server: Callable[..., InvocaServer]) -> None:
     server = serve(make_server, Faults(slow_every=3, slow_seconds=1.5))
-    run = run_cli(tmp_path, config_for(server, page_size=30, request_timeout=0.5, max_concurrency=1), env=DEBUG)
+    run = run_cli(
+        tmp_path,
+        config_for(server, page_size=30, request_timeout=0.5, max_concurrency=1),
+        env=DEBUG,
+    )
     assert run.returncode == 0, run.stderr
     assert [r["id"] for r in run.records] == server.ids()
     assert "ReadTimeout" in run.stderr
     assert_no_secret(run, server)
 
 
-def test_exhausted_tries_end_clearly(tmp_path: Path, make_server: Callable[..., InvocaServer]) -> None:
+def test_exhausted_tries_end_clearly(
+    tmp_path: Path, make_server: Callable[..., InvocaServer]
+) -> None:
     server = serve(make_server, Faults(fail_every=1, fail_status=503))
     run = run_cli(tmp_path, config_for(server, max_tries=3))
-    assert_clean_failure(run, "gave up after 3 attempt(s)", "HTTP 503", "ERR-4242", "customer_phone_numbers.json")
+    assert_clean_failure(
+        run, "gave up after 3 attempt(s)", "HTTP 503", "ERR-4242", "customer_phone_numbers.json"
+    )
     assert server.stats.requests == 3
     assert_no_secret(run, server)
 
 
-def test_retry_time_budget_is_a_bound(tmp_path: Path, make_server: Callable[..., InvocaServer]) -> None:
+def test_retry_time_budget_is_a_bound(
+    tmp_path: Path, make_server: Callable[..., InvocaServer]
+) -> None:
     server = serve(make_server, Faults(fail_every=1, fail_status=429, retry_after="30"))
     began = time.monotonic()
     run = run_cli(tmp_path, config_for(server, max_retry_seconds=5))
@@ -137,7 +153,9 @@ def test_401_at_default_level_has_no_traceback(
     assert TOKEN not in run.stdout + run.stderr
 
 
-def test_traceback_is_kept_at_debug(tmp_path: Path, make_server: Callable[..., InvocaServer]) -> None:
+def test_traceback_is_kept_at_debug(
+    tmp_path: Path, make_server: Callable[..., InvocaServer]
+) -> None:
     server = make_server(50, token="another")  # noqa: S106
     run = run_cli(tmp_path, {**config_for(server), "api_token": TOKEN}, env=DEBUG)
     assert run.returncode != 0
@@ -145,18 +163,34 @@ def test_traceback_is_kept_at_debug(tmp_path: Path, make_server: Callable[..., I
     assert TOKEN not in run.stdout + run.stderr
 
 
-def test_403_quotes_invoca_error_text(tmp_path: Path, make_server: Callable[..., InvocaServer]) -> None:
+def test_403_quotes_invoca_error_text(
+    tmp_path: Path, make_server: Callable[..., InvocaServer]
+) -> None:
     server = serve(make_server, Faults(status_every={1: 403}))
     run = run_cli(tmp_path, config_for(server), env=DEBUG)
-    assert_clean_failure(run, "HTTP 403", "injected 403", "/api/2022-08-01/1234/customer_phone_numbers.json", debug=True)
+    assert_clean_failure(
+        run,
+        "HTTP 403",
+        "injected 403",
+        "/api/2022-08-01/1234/customer_phone_numbers.json",
+        debug=True,
+    )
     assert server.stats.requests == 1
     assert_no_secret(run, server)
 
 
-def test_404_hints_at_network_and_version(tmp_path: Path, make_server: Callable[..., InvocaServer]) -> None:
+def test_404_hints_at_network_and_version(
+    tmp_path: Path, make_server: Callable[..., InvocaServer]
+) -> None:
     server = serve(make_server, Faults())
     run = run_cli(tmp_path, config_for(server, network_id="999"), env=DEBUG)
-    assert_clean_failure(run, "HTTP 404", "/api/2022-08-01/999/customer_phone_numbers.json", "check network_id", debug=True)
+    assert_clean_failure(
+        run,
+        "HTTP 404",
+        "/api/2022-08-01/999/customer_phone_numbers.json",
+        "check network_id",
+        debug=True,
+    )
     assert server.stats.requests == 1
     assert_no_secret(run, server)
 
@@ -166,11 +200,20 @@ def test_non_json_body_ends_with_status_url_and_body_start(
 ) -> None:
     server = serve(make_server, Faults(non_json_every=2))
     run = run_cli(tmp_path, config_for(server, page_size=10, max_concurrency=1), env=DEBUG)
-    assert_clean_failure(run, "HTTP 200", "not JSON", "<html><body>Service", "customer_phone_numbers.json", debug=True)
+    assert_clean_failure(
+        run,
+        "HTTP 200",
+        "not JSON",
+        "<html><body>Service",
+        "customer_phone_numbers.json",
+        debug=True,
+    )
     assert_no_secret(run, server)
 
 
-def test_body_without_data_ends_clearly(tmp_path: Path, make_server: Callable[..., InvocaServer]) -> None:
+def test_body_without_data_ends_clearly(
+    tmp_path: Path, make_server: Callable[..., InvocaServer]
+) -> None:
     server = serve(make_server, Faults(no_data_every=1))
     run = run_cli(tmp_path, config_for(server), env=DEBUG)
     assert_clean_failure(run, "HTTP 200", "no 'data'", "recordsTotal", debug=True)
@@ -183,7 +226,9 @@ def test_server_ignoring_start_ends_in_an_error_not_a_loop(
     tmp_path: Path, make_server: Callable[..., InvocaServer], concurrency: int
 ) -> None:
     server = serve(make_server, Faults(ignore_start=True))
-    run = run_cli(tmp_path, config_for(server, page_size=10, max_concurrency=concurrency), timeout=60)
+    run = run_cli(
+        tmp_path, config_for(server, page_size=10, max_concurrency=concurrency), timeout=60
+    )
     assert_clean_failure(run, "no new records", "ignore 'start'")
     assert server.stats.requests < 12
 

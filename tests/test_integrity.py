@@ -39,7 +39,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("page_size", "after", "deletes", "delete_from", "inserts", "insert_at"), CASES)
+@pytest.mark.parametrize(
+    ("page_size", "after", "deletes", "delete_from", "inserts", "insert_at"), CASES
+)
 @pytest.mark.parametrize("concurrency", [1, 4])
 def test_changes_mid_sync_lose_nothing_and_repeat_nothing(
     make_server: Callable[..., InvocaServer],
@@ -67,8 +69,12 @@ def test_changes_mid_sync_lose_nothing_and_repeat_nothing(
 
 
 @pytest.mark.parametrize("concurrency", [1, 4])
-def test_changes_with_a_page_cap(make_server: Callable[..., InvocaServer], concurrency: int) -> None:
-    faults = Faults(page_cap=13, mutate_after_page=3, delete_count=20, insert_count=9, insert_at="front")
+def test_changes_with_a_page_cap(
+    make_server: Callable[..., InvocaServer], concurrency: int
+) -> None:
+    faults = Faults(
+        page_cap=13, mutate_after_page=3, delete_count=20, insert_count=9, insert_at="front"
+    )
     server = make_server(300, faults=faults)
     initial = server.ids()
     run = run_in_process(config_for(server, page_size=50, max_concurrency=concurrency))
@@ -82,7 +88,10 @@ def naive_offset_paging(server: InvocaServer, page_size: int) -> list[int]:
     start = 0
     while True:
         body = requests.get(
-            url, params={"limit": page_size, "start": start}, headers={"Authorization": server.token}, timeout=10
+            url,
+            params={"limit": page_size, "start": start},
+            headers={"Authorization": server.token},
+            timeout=10,
         ).json()
         if not body["data"]:
             return ids
@@ -90,7 +99,9 @@ def naive_offset_paging(server: InvocaServer, page_size: int) -> list[int]:
         start += page_size
 
 
-def test_the_scenario_really_breaks_naive_offset_paging(make_server: Callable[..., InvocaServer]) -> None:
+def test_the_scenario_really_breaks_naive_offset_paging(
+    make_server: Callable[..., InvocaServer],
+) -> None:
     # Proof that the cases above can fail: plain offset paging loses survivors
     # on deletions and repeats ids on insertions in exactly these scenarios.
     server = make_server(400, faults=Faults(mutate_after_page=2, delete_count=30))
@@ -98,6 +109,8 @@ def test_the_scenario_really_breaks_naive_offset_paging(make_server: Callable[..
     emitted = naive_offset_paging(server, 25)
     assert set(initial) - server.deleted_ids - set(emitted), "naive paging lost nothing?"
 
-    server = make_server(400, faults=Faults(mutate_after_page=2, insert_count=10, insert_at="front"))
+    server = make_server(
+        400, faults=Faults(mutate_after_page=2, insert_count=10, insert_at="front")
+    )
     emitted = naive_offset_paging(server, 25)
     assert len(emitted) != len(set(emitted)), "naive paging repeated nothing?"

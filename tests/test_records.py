@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import datetime
+import datetime as dt
+import typing as t
 
 import pendulum
 import pytest
@@ -15,7 +16,7 @@ from tap_invoca_destinations.records import (
     unknown_fields,
 )
 
-FULL = {
+FULL: dict[str, t.Any] = {
     "id": 17,
     "country_code": "1",
     "phone_number": "202-555-0001",
@@ -76,9 +77,11 @@ def test_other_forms_fall_back_to_pendulum(value: str, expected: str) -> None:
     assert to_rfc3339_utc(value) == expected
 
 
-@pytest.mark.parametrize("value", ["yesterday", "2023-13-45 03:49:21 -0700", "2023-10-19 03:49:21 -07x0"])
+@pytest.mark.parametrize(
+    "value", ["yesterday", "2023-13-45 03:49:21 -0700", "2023-10-19 03:49:21 -07x0"]
+)
 def test_bad_timestamps_raise(value: str) -> None:
-    with pytest.raises(ValueError):  # noqa: PT011
+    with pytest.raises(ValueError):
         to_rfc3339_utc(value)
 
 
@@ -109,7 +112,7 @@ def test_missing_sub_objects_give_null_columns(form: str) -> None:
     if form == "null":
         raw["dynamic_number_pool"] = None
     elif form == "all-null":
-        raw["dynamic_number_pool"] = dict.fromkeys(FULL["dynamic_number_pool"])  # type: ignore[arg-type]
+        raw["dynamic_number_pool"] = dict.fromkeys(FULL["dynamic_number_pool"])
     record = shape_record(raw, "1")
     pool_columns = [c for c in COLUMNS if c.startswith("dynamic_number_pool_")]
     assert len(pool_columns) == 13
@@ -128,8 +131,16 @@ def test_absent_fields_are_null_and_id_string_is_coerced() -> None:
     ("raw", "column", "value"),
     [
         ({"id": "value"}, "id", "value"),
-        ({"id": 5, "dynamic_number_pool": {"max_pool_size": "lots"}}, "dynamic_number_pool_max_pool_size", "lots"),
-        ({"id": 5, "dynamic_number_pool": {"preferred": "maybe"}}, "dynamic_number_pool_preferred", "maybe"),
+        (
+            {"id": 5, "dynamic_number_pool": {"max_pool_size": "lots"}},
+            "dynamic_number_pool_max_pool_size",
+            "lots",
+        ),
+        (
+            {"id": 5, "dynamic_number_pool": {"preferred": "maybe"}},
+            "dynamic_number_pool_preferred",
+            "maybe",
+        ),
         ({"id": 5, "dynamic_number_pool": {"preferred": 2}}, "dynamic_number_pool_preferred", 2),
         ({"id": 5, "created_at": "soon"}, "created_at", "soon"),
         ({"id": 5, "updated_at": ""}, "updated_at", ""),
@@ -137,7 +148,9 @@ def test_absent_fields_are_null_and_id_string_is_coerced() -> None:
         ({"id": 5, "advertiser_campaign": "x"}, "advertiser_campaign", "x"),
     ],
 )
-def test_uncoercible_values_name_stream_id_column_value(raw: dict, column: str, value: object) -> None:
+def test_uncoercible_values_name_stream_id_column_value(
+    raw: dict, column: str, value: object
+) -> None:
     with pytest.raises(RecordShapeError) as caught:
         shape_record(raw, "1")
     message = str(caught.value)
@@ -157,7 +170,11 @@ def test_numbers_in_string_columns_become_strings() -> None:
 
 
 def test_unknown_fields_are_named_with_their_object() -> None:
-    raw = {**FULL, "brand_new": 1, "dynamic_number_pool": {**FULL["dynamic_number_pool"], "auto": 1}}  # type: ignore[dict-item]
+    raw = {
+        **FULL,
+        "brand_new": 1,
+        "dynamic_number_pool": {**FULL["dynamic_number_pool"], "auto": 1},
+    }
     assert unknown_fields(raw) == {"brand_new", "dynamic_number_pool.auto"}
     assert unknown_fields(FULL) == set()
     assert "brand_new" not in shape_record(raw, "1")
@@ -165,6 +182,6 @@ def test_unknown_fields_are_named_with_their_object() -> None:
 
 def test_timestamp_output_is_an_instant_in_utc() -> None:
     out = to_rfc3339_utc("2023-10-19 03:49:21 -0700")
-    parsed = datetime.datetime.fromisoformat(out)
-    assert parsed.utcoffset() == datetime.timedelta(0)
-    assert parsed == datetime.datetime(2023, 10, 19, 10, 49, 21, tzinfo=datetime.timezone.utc)
+    parsed = dt.datetime.fromisoformat(out)
+    assert parsed.utcoffset() == dt.timedelta(0)
+    assert parsed == dt.datetime(2023, 10, 19, 10, 49, 21, tzinfo=dt.timezone.utc)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import datetime
+import datetime as dt
 import logging
 import typing as t
 
@@ -11,6 +11,7 @@ from helpers import config_for, run_in_process
 from invoca_server import Faults, InvocaServer
 from jsonschema import Draft7Validator, FormatChecker
 
+from tap_invoca_destinations.client import InvocaError
 from tap_invoca_destinations.records import COLUMNS
 
 if t.TYPE_CHECKING:
@@ -30,7 +31,7 @@ def test_full_sync_equals_server_value_by_value(server: InvocaServer) -> None:
     expected = server.expected_records()
     assert len(run.records) == len(expected) == 250
     assert [r["id"] for r in run.records] == [e["id"] for e in expected]
-    for got, want in zip(run.records, expected):
+    for got, want in zip(run.records, expected, strict=False):
         assert got == want, f"record {want['id']} differs"
         assert list(got) == list(COLUMNS)
 
@@ -99,7 +100,7 @@ def test_include_inactive_false_drops_records_without_ringpool_whatever_the_serv
     server: InvocaServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # An API version that ignores both parameters: the tap must still filter.
-    original = server._listing  # noqa: SLF001
+    original = server._listing
 
     def ignoring_filters(query: dict[str, str]) -> list[int]:
         return original({k: v for k, v in query.items() if k not in {"status", "include_inactive"}})
@@ -118,7 +119,9 @@ def test_query_filter(server: InvocaServer) -> None:
     assert len(run.records) < 250
 
 
-def test_unknown_fields_reported_once(server: InvocaServer, caplog: pytest.LogCaptureFixture) -> None:
+def test_unknown_fields_reported_once(
+    server: InvocaServer, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.WARNING):
         run = run_in_process(config_for(server))
     drift = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
@@ -129,15 +132,15 @@ def test_unknown_fields_reported_once(server: InvocaServer, caplog: pytest.LogCa
 
 
 def test_uncoercible_value_stops_the_sync(server: InvocaServer) -> None:
-    from tap_invoca_destinations.client import InvocaError  # noqa: PLC0415
-
     victim = server.ids()[120]
     wire = server.wire_record(victim)
     wire["dynamic_number_pool"] = {"max_pool_size": "twelve"}
     server.set_wire(victim, wire)
-    with pytest.raises(SystemExit) as caught:
+    with pytest.raises(
+        InvocaError,
+        match=rf"record id {victim}: column 'dynamic_number_pool_max_pool_size'.*'twelve'",
+    ):
         run_in_process(config_for(server))
-    assert caught.value.code == 1
 
 
 # --- incremental -------------------------------------------------------------------
@@ -163,12 +166,16 @@ def test_incremental_round_trip(server: InvocaServer) -> None:
 
     # Change three destinations: exactly those come back, plus the boundary and null ones.
     changed = server.ids()[10:13]
-    later = datetime.datetime.fromisoformat(bookmark) + datetime.timedelta(days=3)
+    later = dt.datetime.fromisoformat(bookmark) + dt.timedelta(days=3)
     server.touch(changed, later)
     third = run_in_process(config_for(server), state=second.states[-1])
     assert {r["id"] for r in third.records} == nulls | boundary | set(changed)
-    assert all(r["requested_destination_name"].startswith("Renamed") for r in third.records if r["id"] in changed)
-    assert _bookmark(third.states) == later.astimezone(datetime.timezone.utc).isoformat()
+    assert all(
+        r["requested_destination_name"].startswith("Renamed")
+        for r in third.records
+        if r["id"] in changed
+    )
+    assert _bookmark(third.states) == later.astimezone(dt.timezone.utc).isoformat()
 
 
 def test_start_date_is_an_inclusive_lower_bound(server: InvocaServer) -> None:
@@ -190,10 +197,21 @@ def test_full_table_when_the_catalog_asks(server: InvocaServer) -> None:
         if item["breadcrumb"] == []:
             item["metadata"]["selected"] = True
             item["metadata"]["forced-replication-method"] = "FULL_TABLE"
-    state = {"bookmarks": {"destinations": {"replication_key": "updated_at", "replication_key_value": "2099-01-01T00:00:00+00:00"}}}
+    state = {
+        "bookmarks": {
+            "destinations": {
+                "replication_key": "updated_at",
+                "replication_key_value": "2099-01-01T00:00:00+00:00",
+            }
+        }
+    }
     run = run_in_process(config_for(server), state=state, catalog=catalog)
     assert len(run.records) == 250
-    assert not any(s.get("bookmarks", {}).get("destinations", {}).get("replication_key_value") not in {None, "2099-01-01T00:00:00+00:00"} for s in run.states)
+    assert not any(
+        s.get("bookmarks", {}).get("destinations", {}).get("replication_key_value")
+        not in {None, "2099-01-01T00:00:00+00:00"}
+        for s in run.states
+    )
 
 
 def test_deselected_columns_are_not_emitted(server: InvocaServer) -> None:
