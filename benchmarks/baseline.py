@@ -4,7 +4,10 @@ One requests.Session, sequential offset pages, stdlib json, flatten the two
 sub-objects, normalise Invoca timestamps to RFC 3339 UTC, one Singer RECORD
 line per destination on stdout. No retries, no integrity checks, no coercion.
 
-Usage: python benchmarks/baseline.py BASE_URL TOKEN [PAGE_SIZE]
+Usage: python benchmarks/baseline.py BASE_URL TOKEN [PAGE_SIZE] [--tuned]
+
+--tuned swaps strptime for datetime.fromisoformat after reshaping the string,
+the fastest stdlib parse (what a performance-minded hand-written script does).
 """
 
 from __future__ import annotations
@@ -26,9 +29,17 @@ def normalise(value: str | None) -> str | None:
     return moment.astimezone(dt.timezone.utc).isoformat()
 
 
+def normalise_tuned(value: str | None) -> str | None:
+    if value is None:
+        return None
+    iso = f"{value[:10]}T{value[11:19]}{value[20:23]}:{value[23:]}"
+    return dt.datetime.fromisoformat(iso).astimezone(dt.timezone.utc).isoformat()
+
+
 def main() -> None:
     base_url, token = sys.argv[1], sys.argv[2]
     page_size = int(sys.argv[3]) if len(sys.argv) > 3 else 100
+    to_utc = normalise_tuned if "--tuned" in sys.argv else normalise
     url = f"{base_url}/api/2022-08-01/1234/customer_phone_numbers.json"
     session = requests.Session()
     session.headers["Authorization"] = token
@@ -42,7 +53,7 @@ def main() -> None:
         for raw in data:
             record = {k: v for k, v in raw.items() if k not in SUB_OBJECTS}
             for name in TIMESTAMPS:
-                record[name] = normalise(record.get(name))
+                record[name] = to_utc(record.get(name))
             for obj in SUB_OBJECTS:
                 for member, value in (raw.get(obj) or {}).items():
                     record[f"{obj}_{member}"] = value

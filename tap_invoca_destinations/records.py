@@ -6,8 +6,6 @@ import datetime as dt
 import re
 import typing as t
 
-import pendulum
-
 STRING, INTEGER, BOOLEAN, TIMESTAMP = "string", "integer", "boolean", "timestamp"
 
 # Top-level scalar fields of a destination, in column order, with their column kind.
@@ -125,6 +123,8 @@ def to_rfc3339_utc(value: str) -> str:
             return (local - _utc_offset(value[20:])).isoformat() + "+00:00"
         except ValueError:
             pass  # not the documented form after all: let pendulum decide
+    import pendulum  # noqa: PLC0415 - imported on first need: it costs 0.2 s at startup
+
     parsed = pendulum.parse(value, exact=True)
     if not isinstance(parsed, pendulum.DateTime):
         msg = f"not a date-time: {value!r}"

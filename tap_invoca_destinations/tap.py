@@ -9,7 +9,6 @@ import sys
 import typing as t
 from urllib.parse import urlparse
 
-import pendulum
 from jsonschema import Draft7Validator
 from singer_sdk import Tap
 from singer_sdk import typing as th
@@ -272,6 +271,8 @@ class TapInvocaDestinations(Tap):
             )
         start_date = config.get("start_date")
         if isinstance(start_date, str):
+            import pendulum  # noqa: PLC0415 - only needed here and for odd timestamps
+
             try:
                 pendulum.parse(start_date)
             except (ValueError, TypeError):
