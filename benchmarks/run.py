@@ -44,7 +44,7 @@ class Server:
     def __init__(self, count: int, latency_ms: float = 0) -> None:
         self.port = free_port()
         self.count = count
-        self.process = subprocess.Popen(  # noqa: S603
+        self.process = subprocess.Popen(
             [sys.executable, str(ROOT / "tests" / "invoca_server.py"), "--port", str(self.port),
              "--count", str(count), "--latency-ms", str(latency_ms)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -61,9 +61,11 @@ class Server:
 def measure(command: list[str], expected_lines: int) -> tuple[float, float]:
     """Run a command with stdout to a pipe we drain; return (wall seconds, peak RSS MiB)."""
     began = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # noqa: S603
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert process.stdout is not None
-    records = sum(1 for line in process.stdout if line.startswith(b'{"type":"RECORD"') or line.startswith(b'{"type": "RECORD"'))
+    records = sum(
+        1 for line in process.stdout if line.startswith((b'{"type":"RECORD"', b'{"type": "RECORD"'))
+    )
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - began
     process.returncode = os.waitstatus_to_exitcode(status)
@@ -90,14 +92,18 @@ def median_of(runs: int, command: list[str], expected: int) -> tuple[float, floa
     return statistics.median(r[0] for r in results), max(r[1] for r in results)
 
 
-def main() -> None:  # noqa: PLR0915
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--scale", type=float, default=1.0, help="shrink record counts (e.g. 0.1) for a quick look")
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="shrink record counts (e.g. 0.1) for a quick look"
+    )
     args = parser.parse_args()
     n_s1, n_s2 = int(100_000 * args.scale), int(20_000 * args.scale)
     n_small, n_large = int(20_000 * args.scale), int(200_000 * args.scale)
-    print(f"# {platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, runs={args.runs}")
+    print(
+        f"# {platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, runs={args.runs}"
+    )
     workdir = Path(tempfile.mkdtemp(prefix="invoca-bench-"))
 
     server = Server(n_s1)
@@ -108,9 +114,15 @@ def main() -> None:  # noqa: PLR0915
     finally:
         server.stop()
     print(f"\nS1  {n_s1:,} destinations, no added latency (median of {args.runs})")
-    print(f"    tap (defaults)        {tap_wall:7.2f} s  {n_s1 / tap_wall:9,.0f} rec/s  peak RSS {tap_rss:6.1f} MiB")
-    print(f"    baseline (strptime)   {base_wall:7.2f} s  {n_s1 / base_wall:9,.0f} rec/s  peak RSS {base_rss:6.1f} MiB")
-    print(f"    baseline (tuned)      {tuned_wall:7.2f} s  {n_s1 / tuned_wall:9,.0f} rec/s  peak RSS {tuned_rss:6.1f} MiB")
+    print(
+        f"    tap (defaults)        {tap_wall:7.2f} s  {n_s1 / tap_wall:9,.0f} rec/s  peak RSS {tap_rss:6.1f} MiB"
+    )
+    print(
+        f"    baseline (strptime)   {base_wall:7.2f} s  {n_s1 / base_wall:9,.0f} rec/s  peak RSS {base_rss:6.1f} MiB"
+    )
+    print(
+        f"    baseline (tuned)      {tuned_wall:7.2f} s  {n_s1 / tuned_wall:9,.0f} rec/s  peak RSS {tuned_rss:6.1f} MiB"
+    )
     print(f"    ratio tap / baseline (strptime) = {tap_wall / base_wall:.2f}   target <= 1.1")
     print(f"    ratio tap / baseline (tuned)    = {tap_wall / tuned_wall:.2f}")
 
@@ -126,7 +138,9 @@ def main() -> None:  # noqa: PLR0915
     print(f"    tap (defaults, max_concurrency=4)  {default_wall:7.2f} s")
     print(f"    tap (max_concurrency=1)            {serial_wall:7.2f} s")
     print(f"    baseline                           {base2_wall:7.2f} s")
-    print(f"    sequential lower bound: {requests_needed} requests x 30 ms = {requests_needed * 0.03:.2f} s")
+    print(
+        f"    sequential lower bound: {requests_needed} requests x 30 ms = {requests_needed * 0.03:.2f} s"
+    )
     print(f"    ratio default / concurrency-1 = {default_wall / serial_wall:.2f}   target <= 0.35")
     print(f"    ratio default / baseline      = {default_wall / base2_wall:.2f}   target <= 0.35")
 
