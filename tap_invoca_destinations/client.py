@@ -17,6 +17,7 @@ from functools import cached_property
 from http import HTTPStatus
 from urllib.parse import urlparse
 
+import msgspec
 import requests
 from requests.adapters import HTTPAdapter
 from singer_sdk.exceptions import FatalAPIError, RetriableAPIError
@@ -199,8 +200,8 @@ class InvocaStream(RESTStream[int]):
         """
         where = f"HTTP {response.status_code} for GET {urlparse(response.url).path}"
         try:
-            body = json.loads(response.content)
-        except ValueError:
+            body = msgspec.json.decode(response.content)
+        except msgspec.DecodeError:
             msg = f"{where}: the body is not JSON: {quote_body(response.text)!r}"
             raise InvocaError(msg) from None
         data = body.get("data") if isinstance(body, dict) else None

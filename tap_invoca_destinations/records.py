@@ -136,13 +136,7 @@ def to_rfc3339_utc(value: str) -> str:
 
 def _coerce(value: object, kind: str, record_id: object, column: str) -> object:  # noqa: C901, PLR0911, PLR0912
     """Coerce a non-null value that is not already of its column's Python type."""
-    if kind is TIMESTAMP:
-        if isinstance(value, str):
-            try:
-                return to_rfc3339_utc(value)
-            except (ValueError, TypeError, OverflowError):
-                pass
-    elif kind == STRING:
+    if kind == STRING:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -165,17 +159,42 @@ def _coerce(value: object, kind: str, record_id: object, column: str) -> object:
                 return False
         if isinstance(value, int) and value in {0, 1}:
             return bool(value)
-    raise RecordShapeError(record_id, column, value, "a date-time" if kind == TIMESTAMP else kind)
+    raise RecordShapeError(record_id, column, value, kind)
 
 
-# The Python type a value already has when no coercion is needed, per kind.
-_NATIVE: dict[str, type] = {STRING: str, INTEGER: int, BOOLEAN: bool}
+def _to_timestamp(value: object, record_id: object, column: str) -> str:
+    if isinstance(value, str):
+        try:
+            return to_rfc3339_utc(value)
+        except (ValueError, TypeError, OverflowError):
+            pass
+    raise RecordShapeError(record_id, column, value, "a date-time")
 
 
-# Precomputed (source member, column, kind) triples so shaping does no string work per record.
-_TOP_LEVEL_PLAN = tuple((name, name, kind) for name, kind in TOP_LEVEL.items() if name != "id")
+def _converter(kind: str) -> t.Callable[[object, object, str], object]:
+    if kind == TIMESTAMP:
+        return _to_timestamp
+    return lambda value, record_id, column: _coerce(value, kind, record_id, column)
+
+
+# The Python type a value already has when it needs no conversion (never, for timestamps).
+_NATIVE: dict[str, type] = {STRING: str, INTEGER: int, BOOLEAN: bool, TIMESTAMP: type(None)}
+
+# Precomputed (source member, column, native type, converter) per column, so that
+# shaping does no string or dispatch work per record.
+_TOP_LEVEL_PLAN = tuple(
+    (name, name, _NATIVE[kind], _converter(kind))
+    for name, kind in TOP_LEVEL.items()
+    if name != "id"
+)
 _SUB_OBJECT_PLAN = tuple(
-    (obj, tuple((member, f"{obj}_{member}", kind) for member, kind in members.items()))
+    (
+        obj,
+        tuple(
+            (member, f"{obj}_{member}", _NATIVE[kind], _converter(kind))
+            for member, kind in members.items()
+        ),
+    )
     for obj, members in SUB_OBJECTS.items()
 )
 
@@ -201,24 +220,26 @@ def shape_record(raw: dict[str, t.Any], network_id: str) -> dict[str, t.Any]:
         "id": record_id if type(record_id) is int else _coerce(record_id, INTEGER, record_id, "id"),
         "network_id": network_id,
     }
-    for member, column, kind in _TOP_LEVEL_PLAN:
-        value = raw.get(member)
-        if value is None or type(value) is _NATIVE.get(kind):
-            out[column] = value
-        else:
-            out[column] = _coerce(value, kind, record_id, column)
+    get = raw.get
+    for member, column, native, convert in _TOP_LEVEL_PLAN:
+        value = get(member)
+        out[column] = (
+            value if value is None or type(value) is native else convert(value, record_id, column)
+        )
     for obj, plan in _SUB_OBJECT_PLAN:
-        sub = raw.get(obj)
+        sub = get(obj)
         if sub is None:
             sub = {}
         elif not isinstance(sub, dict):
             raise RecordShapeError(record_id, obj, sub, "an object")
-        for member, column, kind in plan:
-            value = sub.get(member)
-            if value is None or type(value) is _NATIVE.get(kind):
-                out[column] = value
-            else:
-                out[column] = _coerce(value, kind, record_id, column)
+        sub_get = sub.get
+        for member, column, native, convert in plan:
+            value = sub_get(member)
+            out[column] = (
+                value
+                if value is None or type(value) is native
+                else convert(value, record_id, column)
+            )
     return out
 
 

@@ -71,6 +71,7 @@ class DestinationsStream(InvocaStream):
         self.unknown_fields_seen: set[str] = set()
         self._direct_write: bool | None = None
         self._time_extracted = ""
+        self._newest: dict[str, t.Any] | None = None  # record with the greatest updated_at
 
     @property
     @override
@@ -114,6 +115,7 @@ class DestinationsStream(InvocaStream):
                 if since is not None and updated_at is not None and updated_at < since:
                     continue
                 yield record
+        self._advance_bookmark()
 
     @override
     def _write_record_message(self, record: dict[str, t.Any]) -> None:
@@ -146,12 +148,34 @@ class DestinationsStream(InvocaStream):
         )
 
     @override
+    def _process_record(
+        self,
+        record: dict[str, t.Any],
+        child_context: Context | None = None,
+        partition_context: Context | None = None,
+    ) -> None:
+        # The SDK builds a child context per record for child streams and
+        # partitions; this stream has neither, so there is nothing to do.
+        if self.child_streams or partition_context:
+            super()._process_record(record, child_context, partition_context)
+
+    @override
     def _increment_stream_state(
         self, latest_record: dict[str, t.Any], *, context: Context | None = None
     ) -> None:
-        # A null updated_at moves no bookmark; the SDK would log a warning per record.
-        if latest_record.get("updated_at") is not None:
-            super()._increment_stream_state(latest_record, context=context)
+        # Called per record; only the newest record matters to an unsorted stream's
+        # bookmark, so keep it and hand it to the SDK once per page (_advance_bookmark).
+        # A null updated_at moves no bookmark (the SDK would warn for each one).
+        updated_at = latest_record.get("updated_at")
+        if updated_at is not None and (
+            self._newest is None or updated_at > self._newest["updated_at"]
+        ):
+            self._newest = latest_record
+
+    def _advance_bookmark(self) -> None:
+        if self._newest is not None:
+            super()._increment_stream_state(self._newest, context=self.context)
+            self._newest = None
 
     def _starting_updated_at(self, context: Context | None) -> str | None:
         """The inclusive lower bound on updated_at, as an RFC 3339 UTC string."""

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
-import json
 import os
 import sys
 import typing as t
 from urllib.parse import urlparse
 
+import msgspec
 from jsonschema import Draft7Validator
 from singer_sdk import Tap
 from singer_sdk import typing as th
@@ -35,27 +36,48 @@ DEFAULT_API_VERSION = "2022-08-01"
 SECRET_KEYS = frozenset({"api_token"})
 
 
-class BufferedSingerWriter(GenericSingerWriter[str, Message]):
-    """Writes Singer messages with the stdlib JSON encoder.
+def _encode_other(value: object) -> str:
+    return value.isoformat() if isinstance(value, dt.datetime) else str(value)
 
-    The SDK's writer flushes stdout after every message; this one flushes only
-    after non-RECORD messages (SCHEMA, STATE, ...), so a STATE is never
-    visible ahead of the records it covers, at a fraction of the syscalls.
+
+class BufferedSingerWriter(GenericSingerWriter[bytes, Message]):
+    """Writes Singer messages with msgspec's JSON encoder, flushing only where it matters.
+
+    The SDK's default writer encodes with simplejson and flushes stdout after
+    every message. Here RECORD lines stay in the stdout buffer and every other
+    message (SCHEMA, STATE, ...) flushes, so a STATE is never visible ahead of
+    the records it covers. msgspec is the SDK's own optional encoder (its
+    ``msgspec`` extra), several times faster than the stdlib's on our records.
     """
 
+    def __init__(self) -> None:
+        """Create the encoder and its reusable output buffer."""
+        self._encoder = msgspec.json.Encoder(enc_hook=_encode_other)
+        self._line = bytearray()
+
     @override
-    def serialize_message(self, message: Message) -> str:
-        return json.dumps(message.to_dict(), separators=(",", ":"), default=str)
+    def serialize_message(self, message: Message) -> bytes:
+        return self._encoder.encode(message.to_dict())
 
     @override
     def write_message(self, message: Message) -> None:
-        sys.stdout.write(self.serialize_message(message) + "\n")
-        if not isinstance(message, RecordMessage):
-            sys.stdout.flush()
+        self._write(message.to_dict(), flush=not isinstance(message, RecordMessage))
 
     def write_record(self, message: dict[str, t.Any]) -> None:
         """Write an already-built RECORD message dict (no flush; see class docstring)."""
-        sys.stdout.write(json.dumps(message, separators=(",", ":")) + "\n")
+        self._write(message, flush=False)
+
+    def _write(self, message: dict[str, t.Any], *, flush: bool) -> None:
+        self._encoder.encode_into(message, self._line)
+        self._line.extend(b"\n")
+        out = sys.stdout
+        binary = getattr(out, "buffer", None)  # absent when stdout is redirected to a StringIO
+        if binary is None:
+            out.write(self._line.decode())
+        else:
+            binary.write(self._line)
+        if flush:
+            (binary or out).flush()
 
 
 def _is_loopback(host: str) -> bool:
