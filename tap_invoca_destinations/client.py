@@ -371,8 +371,6 @@ class InvocaStream(RESTStream[int]):
                 is_last = not ids or start + len(ids) >= page.total
                 if first_new < len(ids):
                     idle_pages = 0
-                    last_id = ids[-1]
-                    yield page.records[first_new:]
                 elif not is_last:
                     idle_pages += 1
                     if idle_pages > MAX_IDLE_PAGES:
@@ -381,14 +379,20 @@ class InvocaStream(RESTStream[int]):
                             f"{idle_pages} times in a row (does the server ignore 'start'?)"
                         )
                         raise InvocaError(msg)
+                if not is_last:
+                    if len(ids) < page.limit:
+                        page_cap = min(page_cap, max(len(ids), 2))
+                    anchor = start + len(ids) - 1
+                    if in_flight and in_flight[0][0] > anchor:
+                        discard_in_flight()  # mispredicted: the next page would leave a gap
+                    refill(
+                        anchor
+                    )  # before handing records over, so requests overlap their processing
+                if first_new < len(ids):
+                    last_id = ids[-1]
+                    yield page.records[first_new:]
                 if is_last:
                     break
-                if len(ids) < page.limit:
-                    page_cap = min(page_cap, max(len(ids), 2))
-                anchor = start + len(ids) - 1
-                if in_flight and in_flight[0][0] > anchor:
-                    discard_in_flight()  # mispredicted: the next page would leave a gap
-                refill(anchor)
         finally:
             discard_in_flight()
             pool.shutdown(wait=False, cancel_futures=True)

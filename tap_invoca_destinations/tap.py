@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import logging
 import os
 import sys
 import typing as t
@@ -78,6 +79,36 @@ class BufferedSingerWriter(GenericSingerWriter[bytes, Message]):
             binary.write(self._line)
         if flush:
             (binary or out).flush()
+
+
+class RedactSecret(logging.Filter):
+    """Replaces a secret in every log line (message, arguments and traceback).
+
+    A safety net: the tap never logs the token on purpose, but libraries log
+    what they like at DEBUG.
+    """
+
+    def __init__(self, secret: str) -> None:
+        """Redact ``secret``."""
+        super().__init__()
+        self.secret = secret
+
+    @override
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self.secret in message:
+            record.msg, record.args = message.replace(self.secret, "<redacted>"), None
+        if record.exc_info and not record.exc_text:
+            text = logging.Formatter().formatException(record.exc_info)
+            record.exc_text = text.replace(self.secret, "<redacted>")
+        return True
+
+
+def redact_in_logs(secret: str) -> None:
+    """Install a RedactSecret filter for ``secret`` on every root log handler."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactSecret) and f.secret == secret for f in handler.filters):
+            handler.addFilter(RedactSecret(secret))
 
 
 def _is_loopback(host: str) -> bool:
@@ -300,6 +331,13 @@ class TapInvocaDestinations(Tap):
             except (ValueError, TypeError):
                 errors.append(f"start_date: not a date-time: {start_date!r}")
         return errors
+
+    def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
+        """Create the tap; from here on the token is redacted from every log line."""
+        super().__init__(*args, **kwargs)
+        token = self.config.get("api_token")
+        if isinstance(token, str) and token:
+            redact_in_logs(token)
 
     @override
     def discover_streams(self) -> list[Stream]:

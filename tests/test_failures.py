@@ -6,6 +6,7 @@ distinctive token at DEBUG level and checks it appears in nothing the tap wrote.
 
 from __future__ import annotations
 
+import logging
 import time
 import typing as t
 
@@ -242,3 +243,20 @@ def test_successful_debug_run_never_shows_the_token(
     assert "DEBUG" in run.stderr  # the run really logged at DEBUG
     assert_no_secret(run, server)
     assert all(TOKEN not in str(state) for state in run.states)
+
+
+def test_log_lines_are_redacted_as_a_safety_net(
+    server: InvocaServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tap_invoca_destinations.tap import TapInvocaDestinations  # noqa: PLC0415
+
+    TapInvocaDestinations(config={**config_for(server), "api_token": TOKEN})
+    logger = logging.getLogger("some.library")
+    logger.warning("sending headers {'Authorization': '%s'}", TOKEN)
+    try:
+        raise RuntimeError(TOKEN)
+    except RuntimeError:
+        logger.exception("failed")
+    assert caplog.records, "nothing was logged"
+    assert TOKEN not in caplog.text
+    assert "<redacted>" in caplog.text
