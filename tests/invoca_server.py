@@ -372,8 +372,9 @@ class InvocaServer:
         return self
 
     def stop(self) -> None:
-        """Stop serving and free the port."""
-        self._httpd.shutdown()
+        """Stop serving (if started) and free the port."""
+        if self._thread is not None:
+            self._httpd.shutdown()
         self._httpd.server_close()
 
     def __enter__(self) -> Self:

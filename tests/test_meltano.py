@@ -108,14 +108,10 @@ def from_csv(column: str, text: str) -> t.Any:
     return text
 
 
-def test_csv_rows_equal_the_servers_destinations(
-    pipeline: dict[str, str], server: InvocaServer, tmp_path: Path
-) -> None:
-    meltano(pipeline, "run", "tap-invoca-destinations", "target-csv")
-    with (tmp_path / "csv" / "destinations.csv").open(newline="", encoding="utf-8") as handle:
+def assert_csv_matches(path: Path, expected: list[dict[str, t.Any]]) -> None:
+    with path.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    expected = server.expected_records()
-    assert len(rows) == len(expected) == 250
+    assert len(rows) == len(expected)
     assert list(rows[0]) == list(COLUMNS)
     for row, want in zip(sorted(rows, key=lambda r: int(r["id"])), expected, strict=True):
         got = {column: from_csv(column, text) for column, text in row.items()}
@@ -125,6 +121,44 @@ def test_csv_rows_equal_the_servers_destinations(
             elif value == "":
                 value = None  # noqa: PLW2901
             assert got[column] == value, (want["id"], column)
+
+
+def test_csv_rows_equal_the_servers_destinations(
+    pipeline: dict[str, str], server: InvocaServer, tmp_path: Path
+) -> None:
+    meltano(pipeline, "run", "tap-invoca-destinations", "target-csv")
+    assert_csv_matches(tmp_path / "csv" / "destinations.csv", server.expected_records())
+
+
+def test_readme_demo_command_leaves_the_servers_destinations_in_csv_and_duckdb(
+    installed: None,
+) -> None:
+    import duckdb  # noqa: PLC0415
+
+    env = {**clean_env(), "DEMO_PORT": str(_free_port()), "DEMO_DESTINATIONS": "300"}
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "demo")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "output/csv/destinations.csv (300 destinations)" in result.stdout
+    # The demo's server is the same deterministic data set as this one (not started).
+    generator = InvocaServer(300)
+    expected = generator.expected_records()
+    generator.stop()
+    assert_csv_matches(ROOT / "output" / "csv" / "destinations.csv", expected)
+    with duckdb.connect(str(ROOT / "output" / "warehouse.duckdb"), read_only=True) as db:
+        ids = [
+            row[0]
+            for row in db.execute("SELECT id FROM invoca.destinations ORDER BY id").fetchall()
+        ]
+    assert ids == [r["id"] for r in expected]
+    assert re.search(r"^total\s+300$", result.stdout, re.MULTILINE)
 
 
 def test_jsonl_records_equal_the_servers_destinations(
