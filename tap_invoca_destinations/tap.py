@@ -98,8 +98,8 @@ class RedactSecret(logging.Filter):
         message = record.getMessage()
         if self.secret in message:
             record.msg, record.args = message.replace(self.secret, "<redacted>"), None
-        if record.exc_info and not record.exc_text:
-            text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_info:
+            text = record.exc_text or logging.Formatter().formatException(record.exc_info)
             record.exc_text = text.replace(self.secret, "<redacted>")
         return True
 

@@ -6,6 +6,7 @@ distinctive token at DEBUG level and checks it appears in nothing the tap wrote.
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 import typing as t
@@ -245,18 +246,25 @@ def test_successful_debug_run_never_shows_the_token(
     assert all(TOKEN not in str(state) for state in run.states)
 
 
-def test_log_lines_are_redacted_as_a_safety_net(
-    server: InvocaServer, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_log_lines_are_redacted_as_a_safety_net(server: InvocaServer) -> None:
     from tap_invoca_destinations.tap import TapInvocaDestinations  # noqa: PLC0415
 
-    TapInvocaDestinations(config={**config_for(server), "api_token": TOKEN})
-    logger = logging.getLogger("some.library")
-    logger.warning("sending headers {'Authorization': '%s'}", TOKEN)
+    # Like the SDK's console handler: on the root logger before the tap starts.
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logging.getLogger().addHandler(handler)
     try:
-        raise RuntimeError(TOKEN)
-    except RuntimeError:
-        logger.exception("failed")
-    assert caplog.records, "nothing was logged"
-    assert TOKEN not in caplog.text
-    assert "<redacted>" in caplog.text
+        TapInvocaDestinations(config={**config_for(server), "api_token": TOKEN})
+        logger = logging.getLogger("some.library")
+        logger.warning("sending headers {'Authorization': '%s'}", TOKEN)
+        try:
+            raise RuntimeError(TOKEN)
+        except RuntimeError:
+            logger.exception("failed")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    text = stream.getvalue()
+    assert "sending headers" in text
+    assert "RuntimeError" in text
+    assert TOKEN not in text
+    assert text.count("<redacted>") == 2
