@@ -46,7 +46,7 @@ MAX_IDLE_PAGES = 2  # consecutive pages that bring nothing new before paging giv
 MAX_STEP_BACKS = 1000  # re-reads after the list shrank under us, per sync
 BODY_QUOTE_CHARS = 300
 
-HINTS = {
+HINTS: dict[int, str] = {
     HTTPStatus.UNAUTHORIZED: "the token was rejected: check api_token",
     HTTPStatus.FORBIDDEN: "Invoca refused the request's arguments: check status, query, "
     "include_inactive and page_size",
@@ -62,7 +62,6 @@ class InvocaError(FatalAPIError):
 class Page:
     """One response of the list endpoint."""
 
-    start: int
     limit: int
     records: list[dict[str, t.Any]]
     ids: list[int]
@@ -108,14 +107,11 @@ class InvocaStream(RESTStream[int]):
     emitted strictly in order, so prefetching never changes the result.
     """
 
-    _LOG_REQUEST_METRICS = False  # we log one line per retry instead; see _send
-
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
-        """Initialise the stream and its per-run request counters."""
+        """Initialise the stream and its concurrency window (lowered on 429)."""
         super().__init__(*args, **kwargs)
         self._window = int(self.config.get("max_concurrency", 4))
         self._window_lock = threading.Lock()
-        self.request_count = 0
 
     @property
     @override
@@ -175,7 +171,7 @@ class InvocaStream(RESTStream[int]):
         # line with Invoca's own error text and a hint.
         status = response.status_code
         detail = invoca_error_text(response)
-        hint = HINTS.get(HTTPStatus(status)) if status in HINTS else None
+        hint = HINTS.get(status)
         text = f"HTTP {status} {response.reason or ''}".rstrip()
         text += f" for GET {urlparse(response.url).path}"
         if detail:
@@ -218,7 +214,6 @@ class InvocaStream(RESTStream[int]):
                 raise InvocaError(msg) from None
         total = body.get("recordsTotal")
         return Page(
-            start=start,
             limit=limit,
             records=data,
             ids=ids,
@@ -246,7 +241,6 @@ class InvocaStream(RESTStream[int]):
         initial_wait = float(self.config.get("retry_initial_wait", 1.0))
         waited = 0.0
         for attempt in range(1, max_tries + 1):
-            self.request_count += 1
             try:
                 response = self.requests_session.get(
                     url,
