@@ -182,6 +182,16 @@ class InvocaStream(RESTStream[int]):
 
     @override
     def validate_response(self, response: requests.Response) -> None:
+        if response.is_redirect:
+            # Not followed: requests drops the Authorization header on a cross-host
+            # redirect, which would surface as a confusing 401.
+            target = urlparse(response.headers.get("Location", ""))
+            msg = (
+                f"HTTP {response.status_code} for GET {urlparse(response.url).path}: Invoca "
+                f"redirects to {target.scheme}://{target.netloc}{target.path} "
+                "(set base_url to that host)"
+            )
+            raise InvocaError(msg)
         if response.status_code in RETRIABLE_STATUSES:
             raise RetriableAPIError(self.response_error_message(response), response)
         if response.status_code >= HTTPStatus.BAD_REQUEST:

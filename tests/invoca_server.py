@@ -194,6 +194,7 @@ class Faults:
     insert_count: int = 0  # ...and insert this many
     insert_at: str = "end"  # new highest ids ("end") or ids between the first ones ("front")
     status_every: dict[int, int] = dataclasses.field(default_factory=dict)  # {K: status}
+    redirect_to: str | None = None  # answer every request with a 301 to this base URL
 
 
 @dataclasses.dataclass
@@ -422,12 +423,18 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
                 with server.lock:
                     server.stats.in_flight -= 1
 
-        def _injected_fault(self, number: int) -> bool:
+        def _injected_fault(self, number: int) -> bool:  # noqa: PLR0911
             faults = server.faults
 
             def every(k: int) -> bool:
                 return bool(k) and number % k == 0
 
+            if faults.redirect_to:
+                self.send_response(301)
+                self.send_header("Location", faults.redirect_to + self.path)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return True
             if every(faults.drop_every):
                 server.stats.dropped += 1
                 self.close_connection = True

@@ -223,6 +223,18 @@ def test_body_without_data_ends_clearly(
     assert_no_secret(run, server)
 
 
+def test_redirect_is_not_followed_and_names_the_new_host(
+    tmp_path: Path, make_server: Callable[..., InvocaServer]
+) -> None:
+    server = serve(make_server, Faults(redirect_to="https://acme.invoca.net"))
+    run = run_cli(tmp_path, config_for(server), env=DEBUG)
+    assert_clean_failure(
+        run, "HTTP 301", "https://acme.invoca.net/api/", "set base_url", debug=True
+    )
+    assert server.stats.requests == 1
+    assert_no_secret(run, server)
+
+
 @pytest.mark.parametrize("concurrency", [1, 4])
 def test_server_ignoring_start_ends_in_an_error_not_a_loop(
     tmp_path: Path, make_server: Callable[..., InvocaServer], concurrency: int
