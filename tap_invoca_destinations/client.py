@@ -45,6 +45,8 @@ MAX_SINGLE_WAIT_SECONDS = 120.0  # cap on one wait, whatever Retry-After asks fo
 MAX_IDLE_PAGES = 2  # consecutive pages that bring nothing new before paging gives up
 MAX_STEP_BACKS = 1000  # re-reads after the list shrank under us, per sync
 BODY_QUOTE_CHARS = 300
+DEFAULT_BASE_URL = "https://invoca.net"
+DEFAULT_API_VERSION = "2022-08-01"
 
 HINTS: dict[int, str] = {
     HTTPStatus.UNAUTHORIZED: "the token was rejected: check api_token",
@@ -116,7 +118,7 @@ class InvocaStream(RESTStream[int]):
     @property
     @override
     def url_base(self) -> str:
-        return str(self.config.get("base_url", "https://invoca.net")).rstrip("/")
+        return str(self.config.get("base_url", DEFAULT_BASE_URL)).rstrip("/")
 
     @property
     @override

@@ -10,7 +10,7 @@ from singer_sdk import typing as th
 from singer_sdk.helpers.conform import TypeConformanceLevel
 from singer_sdk.mapper import SameRecordTransform
 
-from tap_invoca_destinations.client import InvocaError, InvocaStream
+from tap_invoca_destinations.client import DEFAULT_API_VERSION, InvocaError, InvocaStream
 from tap_invoca_destinations.records import (
     BOOLEAN,
     COLUMNS,
@@ -77,7 +77,7 @@ class DestinationsStream(InvocaStream):
     @override
     def path(self) -> str:  # type: ignore[override]
         return (
-            f"/api/{self.config.get('api_version', '2022-08-01')}"
+            f"/api/{self.config.get('api_version', DEFAULT_API_VERSION)}"
             f"/{self.config['network_id']}/customer_phone_numbers.json"
         )
 

@@ -20,7 +20,7 @@ from singer_sdk.helpers._classproperty import classproperty
 from singer_sdk.singerlib.encoding.base import GenericSingerWriter
 from singer_sdk.singerlib.messages import Message, RecordMessage
 
-from tap_invoca_destinations.client import InvocaError
+from tap_invoca_destinations.client import DEFAULT_API_VERSION, DEFAULT_BASE_URL, InvocaError
 from tap_invoca_destinations.streams import DestinationsStream
 
 if sys.version_info >= (3, 12):
@@ -32,8 +32,6 @@ if t.TYPE_CHECKING:
     from singer_sdk.streams import Stream
 
 STATUSES = ["ignored", "tracked", "discovered"]
-DEFAULT_BASE_URL = "https://invoca.net"
-DEFAULT_API_VERSION = "2022-08-01"
 SECRET_KEYS = frozenset({"api_token"})
 
 
@@ -254,7 +252,7 @@ class TapInvocaDestinations(Tap):
         # name the variable instead of crashing with a traceback.
         schema = cls.config_jsonschema
         cls.append_builtin_config(schema)
-        prefix = f"{cls.name.upper().replace('-', '_')}_"
+        prefix = cls._env_var_prefix
         try:
             return parse_environment_config(schema, prefix)
         except ValueError:
