@@ -114,6 +114,7 @@ class InvocaStream(RESTStream[int]):
         super().__init__(*args, **kwargs)
         self._window = int(self.config.get("max_concurrency", 4))
         self._window_lock = threading.Lock()
+        self._paging_over = threading.Event()  # tells prefetches still retrying to give up
 
     @property
     @override
@@ -295,7 +296,9 @@ class InvocaStream(RESTStream[int]):
                 wait,
                 " (Retry-After)" if retry_after is not None else "",
             )
-            time.sleep(wait)
+            if self._paging_over.wait(wait):
+                msg = f"paging ended while GET {self.path} start={start} was retrying"
+                raise InvocaError(msg)
             waited += wait
         msg = "unreachable"  # pragma: no cover - the loop returns or raises
         raise AssertionError(msg)  # pragma: no cover
@@ -337,7 +340,8 @@ class InvocaStream(RESTStream[int]):
             # at the last record of the one before it.
             start = in_flight[-1][0] + min(overlap_limit, page_cap) - 1 if in_flight else anchor
             while len(in_flight) < self._window:
-                if in_flight and known_total is not None and start >= known_total:
+                # A page starting at the total's last record would bring nothing new.
+                if in_flight and known_total is not None and start + 1 >= known_total:
                     break
                 submit(start, overlap_limit)
                 start += min(overlap_limit, page_cap) - 1
@@ -346,6 +350,7 @@ class InvocaStream(RESTStream[int]):
             while in_flight:
                 in_flight.pop()[1].cancel()
 
+        self._paging_over.clear()
         try:
             submit(0, page_size)
             while in_flight:
@@ -400,6 +405,7 @@ class InvocaStream(RESTStream[int]):
                 if is_last:
                     break
         finally:
+            self._paging_over.set()
             discard_in_flight()
             pool.shutdown(wait=False, cancel_futures=True)
 

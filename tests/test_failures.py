@@ -134,6 +134,24 @@ def test_retry_time_budget_is_a_bound(
     assert_clean_failure(run, "gave up after 1 attempt(s)", "HTTP 429", "max_retry_seconds=5")
 
 
+def test_a_failure_stops_prefetches_still_waiting_to_retry(
+    tmp_path: Path, make_server: Callable[..., InvocaServer]
+) -> None:
+    # Page 0 carries a bad value (the sync stops while handling it); the pages
+    # prefetched meanwhile get 503 with Retry-After: 30. The run must end now,
+    # not after those waits.
+    server = serve(make_server, Faults(fail_every=2, fail_status=503, retry_after="30"))
+    victim = server.ids()[3]
+    wire = server.wire_record(victim)
+    wire["dynamic_number_pool"] = {"max_pool_size": "twelve"}
+    server.set_wire(victim, wire)
+    began = time.monotonic()
+    run = run_cli(tmp_path, config_for(server, page_size=10, max_concurrency=4))
+    assert time.monotonic() - began < 15
+    assert_clean_failure(run, f"record id {victim}", "dynamic_number_pool_max_pool_size")
+    assert server.stats.statuses[503] >= 1  # a prefetch really was waiting
+
+
 def test_401_is_not_retried_and_names_the_token_setting(
     tmp_path: Path, make_server: Callable[..., InvocaServer]
 ) -> None:

@@ -81,6 +81,17 @@ def test_limit_and_start_sent_follow_page_size(server: InvocaServer) -> None:
     assert "sort_dir=asc" in list_paths[0]
 
 
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_prefetching_asks_for_no_page_past_the_end(
+    make_server: Callable[..., InvocaServer], concurrency: int
+) -> None:
+    server = make_server(1000)
+    run_in_process(config_for(server, page_size=100, max_concurrency=concurrency))
+    # 100 records, then 100 new ones per page (each re-reads one as its anchor).
+    starts = sorted(int(p.rsplit("start=", 1)[1]) for p in server.stats.paths)
+    assert starts == [0, 99, 199, 299, 399, 499, 599, 699, 799, 899]
+
+
 @pytest.mark.parametrize("status", ["ignored", "tracked", "discovered"])
 def test_status_filter(server: InvocaServer, status: str) -> None:
     run = run_in_process(config_for(server, status=status))

@@ -1,0 +1,84 @@
+"""The Singer output: records go out in blocks, never behind a STATE, never lost on failure."""
+
+from __future__ import annotations
+
+import json
+import typing as t
+
+from helpers import config_for, run_cli
+from singer_sdk.singerlib.messages import StateMessage
+
+from tap_invoca_destinations.tap import BufferedSingerWriter
+
+if t.TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+    import pytest
+    from invoca_server import InvocaServer
+
+
+class RecordingStdout:
+    """A stand-in for sys.stdout that keeps every write and flush, in order."""
+
+    def __init__(self) -> None:
+        self.buffer = self
+        self.events: list[bytes | str] = []
+
+    def write(self, data: bytes) -> int:
+        self.events.append(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        self.events.append("flush")
+
+    def lines(self) -> list[dict[str, t.Any]]:
+        text = b"".join(e for e in self.events if isinstance(e, bytes)).decode()
+        return [json.loads(line) for line in text.splitlines()]
+
+
+def record_message(number: int) -> dict[str, t.Any]:
+    return {"type": "RECORD", "stream": "destinations", "record": {"id": number, "pad": "x" * 900}}
+
+
+def test_records_are_written_in_blocks_and_state_flushes_them_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = RecordingStdout()
+    monkeypatch.setattr("sys.stdout", out)
+    writer = BufferedSingerWriter()
+    for number in range(10):
+        writer.write_record(record_message(number))
+    assert out.events == []  # ten small lines stay buffered
+    for number in range(10, 300):
+        writer.write_record(record_message(number))
+    blocks = [e for e in out.events if isinstance(e, bytes)]
+    assert 2 <= len(blocks) < 10  # about 280 KB in 64 KiB blocks, not a write per line
+    assert all(len(b) >= BufferedSingerWriter.BLOCK_BYTES for b in blocks)
+    assert all(b.endswith(b"\n") for b in blocks)  # blocks end on whole lines
+    writer.write_message(StateMessage(value={"bookmarks": {}}))
+    assert out.events[-1] == "flush"
+    messages = out.lines()
+    assert [m["record"]["id"] for m in messages[:-1]] == list(range(300))
+    assert messages[-1]["type"] == "STATE"
+
+
+def test_records_before_a_failure_are_written_without_a_state_after_them(
+    tmp_path: Path, make_server: Callable[..., InvocaServer]
+) -> None:
+    server = make_server(250)
+    victim = server.ids()[120]
+    wire = server.wire_record(victim)
+    wire["dynamic_number_pool"] = {"max_pool_size": "twelve"}
+    server.set_wire(victim, wire)
+    run = run_cli(
+        tmp_path,
+        config_for(server, page_size=50, max_concurrency=1),
+        env={"PYTHONUNBUFFERED": "1"},  # stdout unbuffered: only the writer's own buffer holds them
+    )
+    assert run.returncode == 1
+    messages = [json.loads(line) for line in run.stdout.splitlines()]
+    records = [m["record"]["id"] for m in messages if m["type"] == "RECORD"]
+    assert records == server.ids()[:120]
+    last_record = max(i for i, m in enumerate(messages) if m["type"] == "RECORD")
+    assert all(m["type"] != "STATE" for m in messages[last_record:])
