@@ -11,6 +11,7 @@ from singer_sdk.helpers.conform import TypeConformanceLevel
 from singer_sdk.mapper import SameRecordTransform
 
 from tap_invoca_destinations.client import DEFAULT_API_VERSION, InvocaError, InvocaStream
+from tap_invoca_destinations.output import BufferedSingerWriter
 from tap_invoca_destinations.records import (
     BOOLEAN,
     COLUMNS,
@@ -31,7 +32,6 @@ if t.TYPE_CHECKING:
 
     from singer_sdk.helpers.types import Context
 
-    from tap_invoca_destinations.tap import BufferedSingerWriter
 
 _SCHEMA_TYPES: dict[str, type[th.JSONTypeHelper[t.Any]]] = {
     INTEGER: th.IntegerType,
@@ -99,22 +99,28 @@ class DestinationsStream(InvocaStream):
         network_id = str(self.config["network_id"])
         only_tracked = not self.config.get("include_inactive", True)
         since = self._starting_updated_at(context)
-        for raw_records in self.iter_pages():
-            self._time_extracted = dt.datetime.now(dt.timezone.utc).isoformat()
-            for raw in raw_records:
-                drift = unknown_fields(raw)
-                if drift - self.unknown_fields_seen:
-                    self._report_drift(drift)
-                try:
-                    record = shape_record(raw, network_id)
-                except RecordShapeError as exc:
-                    raise InvocaError(str(exc)) from exc
-                if only_tracked and record["dynamic_number_pool_id"] is None:
-                    continue
-                updated_at = record["updated_at"]
-                if since is not None and updated_at is not None and updated_at < since:
-                    continue
-                yield record
+        try:
+            for raw_records in self.iter_pages():
+                self._time_extracted = dt.datetime.now(dt.timezone.utc).isoformat()
+                for raw in raw_records:
+                    drift = unknown_fields(raw)
+                    if drift - self.unknown_fields_seen:
+                        self._report_drift(drift)
+                    try:
+                        record = shape_record(raw, network_id)
+                    except RecordShapeError as exc:
+                        raise InvocaError(str(exc)) from exc
+                    if only_tracked and record["dynamic_number_pool_id"] is None:
+                        continue
+                    updated_at = record["updated_at"]
+                    if since is not None and updated_at is not None and updated_at < since:
+                        continue
+                    yield record
+        finally:
+            # Records buffered ahead of a failure still go out (with no STATE after them).
+            writer = self._tap.message_writer
+            if isinstance(writer, BufferedSingerWriter):
+                writer.flush()
         self._advance_bookmark()
 
     @override
@@ -135,8 +141,6 @@ class DestinationsStream(InvocaStream):
         self.state_manager.is_flushed = False
 
     def _can_write_directly(self) -> bool:
-        from tap_invoca_destinations.tap import BufferedSingerWriter  # noqa: PLC0415 - cycle
-
         maps = self.stream_maps
         return (
             isinstance(self._tap.message_writer, BufferedSingerWriter)

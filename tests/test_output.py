@@ -8,7 +8,7 @@ import typing as t
 from helpers import config_for, run_cli
 from singer_sdk.singerlib.messages import StateMessage
 
-from tap_invoca_destinations.tap import BufferedSingerWriter
+from tap_invoca_destinations.output import BufferedSingerWriter
 
 if t.TYPE_CHECKING:
     from collections.abc import Callable
