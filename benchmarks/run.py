@@ -16,6 +16,7 @@ Usage: python benchmarks/run.py [--runs N] [--scale F] [--scenarios S1,S2,S3]
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import platform
@@ -58,10 +59,17 @@ class Server:
         self.process.wait()
 
 
+# Every command runs with Python's default stdout buffering: PYTHONUNBUFFERED=1
+# (set on some machines and images) would cost the baseline a system call per line.
+CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+
+
 def measure(command: list[str], expected_lines: int) -> tuple[float, float]:
     """Run a command with stdout to a pipe we drain; return (wall seconds, peak RSS MiB)."""
     began = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=CHILD_ENV
+    )
     assert process.stdout is not None
     records = sum(
         1 for line in process.stdout if line.startswith((b'{"type":"RECORD"', b'{"type": "RECORD"'))
@@ -106,6 +114,9 @@ def main() -> None:
         f"# {platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, runs={args.runs}"
     )
     workdir = Path(tempfile.mkdtemp(prefix="invoca-bench-"))
+    # Measure the tap as pip installs it, with bytecode compiled (the editable
+    # checkout may have none, e.g. under PYTHONDONTWRITEBYTECODE=1).
+    compileall.compile_dir(ROOT / "tap_invoca_destinations", quiet=1)
 
     scenarios = set(args.scenarios.upper().split(","))
     if "S1" in scenarios:

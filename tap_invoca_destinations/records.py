@@ -60,6 +60,7 @@ COLUMNS: dict[str, str] = {
 
 KNOWN_TOP_LEVEL = frozenset(TOP_LEVEL) | frozenset(SUB_OBJECTS)
 _MEMBER_SETS = {obj: frozenset(members) for obj, members in SUB_OBJECTS.items()}
+_NOTHING: frozenset[str] = frozenset()
 
 _OFFSET_FORM = re.compile(r"[+-]\d{4}\Z")
 _OFFSETS: dict[str, dt.timedelta] = {}  # "-0700" -> timedelta, filled as seen
@@ -243,7 +244,7 @@ def shape_record(raw: dict[str, t.Any], network_id: str) -> dict[str, t.Any]:
     return out
 
 
-def unknown_fields(raw: dict[str, t.Any]) -> set[str]:
+def unknown_fields(raw: dict[str, t.Any]) -> frozenset[str]:
     """Return the dotted names of fields the tap does not know in one raw destination.
 
     Args:
@@ -252,11 +253,11 @@ def unknown_fields(raw: dict[str, t.Any]) -> set[str]:
     Returns:
         Names such as ``new_field`` or ``dynamic_number_pool.new_member``.
     """
-    found: set[str] = set()
-    if not raw.keys() <= KNOWN_TOP_LEVEL:  # a subset test allocates nothing: the usual case
-        found.update(str(name) for name in raw.keys() - KNOWN_TOP_LEVEL)
+    found: list[str] = []
+    if not raw.keys() <= KNOWN_TOP_LEVEL:  # subset tests allocate nothing: the usual case
+        found.extend(str(name) for name in raw.keys() - KNOWN_TOP_LEVEL)
     for obj, members in _MEMBER_SETS.items():
         sub = raw.get(obj)
         if isinstance(sub, dict) and not sub.keys() <= members:
-            found.update(f"{obj}.{member}" for member in sub.keys() - members)
-    return found
+            found.extend(f"{obj}.{member}" for member in sub.keys() - members)
+    return frozenset(found) if found else _NOTHING

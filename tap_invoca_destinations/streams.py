@@ -104,7 +104,7 @@ class DestinationsStream(InvocaStream):
                 self._time_extracted = dt.datetime.now(dt.timezone.utc).isoformat()
                 for raw in raw_records:
                     drift = unknown_fields(raw)
-                    if drift - self.unknown_fields_seen:
+                    if drift and not drift <= self.unknown_fields_seen:
                         self._report_drift(drift)
                     try:
                         record = shape_record(raw, network_id)
@@ -191,7 +191,7 @@ class DestinationsStream(InvocaStream):
         # Same shape as emitted values (UTC, "+00:00"), so plain string comparison orders them.
         return start.astimezone(dt.timezone.utc).isoformat()
 
-    def _report_drift(self, names: set[str]) -> None:
+    def _report_drift(self, names: frozenset[str]) -> None:
         new = sorted(names - self.unknown_fields_seen)
         self.unknown_fields_seen.update(new)
         self.logger.warning(
