@@ -112,7 +112,8 @@ class InvocaStream(RESTStream[int]):
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
         """Initialise the stream and its concurrency window (lowered on 429)."""
         super().__init__(*args, **kwargs)
-        self._window = int(self.config.get("max_concurrency", 4))
+        self._max_concurrency = max(int(self.config.get("max_concurrency", 4)), 1)
+        self._window = self._max_concurrency
         self._window_lock = threading.Lock()
         self._paging_over = threading.Event()  # tells prefetches still retrying to give up
 
@@ -149,7 +150,7 @@ class InvocaStream(RESTStream[int]):
         # A pool per concurrent page request, so prefetching reuses connections.
         if not self._requests_session:
             session = requests.Session()
-            size = max(int(self.config.get("max_concurrency", 4)), 1)
+            size = self._max_concurrency
             session.mount("http://", HTTPAdapter(pool_connections=1, pool_maxsize=size))
             session.mount("https://", HTTPAdapter(pool_connections=1, pool_maxsize=size))
             self._requests_session = session
@@ -323,12 +324,12 @@ class InvocaStream(RESTStream[int]):
         page_size = int(self.config.get("page_size", 100))
         overlap_limit = page_size + 1  # re-read the last seen record as the anchor
         pool = ThreadPoolExecutor(
-            max_workers=max(int(self.config.get("max_concurrency", 4)), 1),
+            max_workers=self._max_concurrency,
             thread_name_prefix="invoca-page",
         )
         in_flight: collections.deque[tuple[int, Future[Page]]] = collections.deque()
         last_id: int | None = None
-        page_cap = overlap_limit  # learnt when the server serves fewer than asked
+        page_cap = overlap_limit  # most records a page holds; lowered if the server caps pages
         known_total: int | None = None
         idle_pages = step_backs = 0
 
@@ -338,13 +339,13 @@ class InvocaStream(RESTStream[int]):
         def refill(anchor: int) -> None:
             # Keep up to `window` requests in flight, each predicted to start
             # at the last record of the one before it.
-            start = in_flight[-1][0] + min(overlap_limit, page_cap) - 1 if in_flight else anchor
+            start = in_flight[-1][0] + page_cap - 1 if in_flight else anchor
             while len(in_flight) < self._window:
                 # A page starting at the total's last record would bring nothing new.
                 if in_flight and known_total is not None and start + 1 >= known_total:
                     break
                 submit(start, overlap_limit)
-                start += min(overlap_limit, page_cap) - 1
+                start += page_cap - 1
 
         def discard_in_flight() -> None:
             while in_flight:
@@ -373,7 +374,7 @@ class InvocaStream(RESTStream[int]):
                         msg = "the list keeps shrinking faster than the tap can page it"
                         raise InvocaError(msg)
                     discard_in_flight()
-                    submit(max(0, start - (min(overlap_limit, page_cap) - 1)), overlap_limit)
+                    submit(max(0, start - (page_cap - 1)), overlap_limit)
                     continue
                 first_new = 0
                 if last_id is not None:
@@ -396,9 +397,8 @@ class InvocaStream(RESTStream[int]):
                     anchor = start + len(ids) - 1
                     if in_flight and in_flight[0][0] > anchor:
                         discard_in_flight()  # mispredicted: the next page would leave a gap
-                    refill(
-                        anchor
-                    )  # before handing records over, so requests overlap their processing
+                    # Before handing records over, so requests overlap their processing.
+                    refill(anchor)
                 if first_new < len(ids):
                     last_id = ids[-1]
                     yield page.records[first_new:]

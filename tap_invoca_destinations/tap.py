@@ -205,8 +205,7 @@ class TapInvocaDestinations(Tap):
     def _env_var_config(cls) -> dict[str, t.Any]:  # noqa: N805
         # The SDK parses integer settings from the environment with a bare int():
         # name the variable instead of crashing with a traceback.
-        schema = cls.config_jsonschema
-        cls.append_builtin_config(schema)
+        schema = cls._config_schema()
         prefix = cls._env_var_prefix
         try:
             return parse_environment_config(schema, prefix)
@@ -238,11 +237,15 @@ class TapInvocaDestinations(Tap):
             self.logger.warning("Config: %s", error)
         return errors
 
+    @classmethod
+    def _config_schema(cls) -> dict[str, t.Any]:
+        """The settings' JSON schema, with the SDK's built-in settings (stream maps, ...)."""
+        cls.append_builtin_config(cls.config_jsonschema)  # adds only what is missing
+        return cls.config_jsonschema
+
     def _schema_errors(self) -> list[str]:
-        schema = dict(self.config_jsonschema)
-        self.append_builtin_config(schema)
         errors = []
-        for error in Draft7Validator(schema).iter_errors(self._config):
+        for error in Draft7Validator(self._config_schema()).iter_errors(self._config):
             if error.validator == "required":
                 errors.append(error.message.replace(" is a required property", ": is required"))
                 continue

@@ -183,34 +183,33 @@ def test_traceback_is_kept_at_debug(
     assert TOKEN not in run.stdout + run.stderr
 
 
-def test_403_quotes_invoca_error_text(
-    tmp_path: Path, make_server: Callable[..., InvocaServer]
+@pytest.mark.parametrize(
+    ("faults", "overrides", "needles"),
+    [
+        pytest.param(
+            Faults(status_every={1: 403}),
+            {},
+            ["HTTP 403", "injected 403", "/api/2022-08-01/1234/customer_phone_numbers.json"],
+            id="403 quotes Invoca's error text",
+        ),
+        pytest.param(
+            Faults(),
+            {"network_id": "999"},
+            ["HTTP 404", "/api/2022-08-01/999/customer_phone_numbers.json", "check network_id"],
+            id="404 hints at network and version",
+        ),
+    ],
+)
+def test_403_and_404_are_not_retried_and_end_clearly(
+    tmp_path: Path,
+    make_server: Callable[..., InvocaServer],
+    faults: Faults,
+    overrides: dict[str, str],
+    needles: list[str],
 ) -> None:
-    server = serve(make_server, Faults(status_every={1: 403}))
-    run = run_cli(tmp_path, config_for(server), env=DEBUG)
-    assert_clean_failure(
-        run,
-        "HTTP 403",
-        "injected 403",
-        "/api/2022-08-01/1234/customer_phone_numbers.json",
-        debug=True,
-    )
-    assert server.stats.requests == 1
-    assert_no_secret(run, server)
-
-
-def test_404_hints_at_network_and_version(
-    tmp_path: Path, make_server: Callable[..., InvocaServer]
-) -> None:
-    server = serve(make_server, Faults())
-    run = run_cli(tmp_path, config_for(server, network_id="999"), env=DEBUG)
-    assert_clean_failure(
-        run,
-        "HTTP 404",
-        "/api/2022-08-01/999/customer_phone_numbers.json",
-        "check network_id",
-        debug=True,
-    )
+    server = serve(make_server, faults)
+    run = run_cli(tmp_path, config_for(server, **overrides), env=DEBUG)
+    assert_clean_failure(run, *needles, debug=True)
     assert server.stats.requests == 1
     assert_no_secret(run, server)
 
