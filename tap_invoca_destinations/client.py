@@ -21,9 +21,11 @@ import msgspec
 import requests
 from requests.adapters import HTTPAdapter
 from singer_sdk.exceptions import FatalAPIError, RetriableAPIError
-from singer_sdk.streams import RESTStream
+
+from tap_invoca_destinations.sdk_seam import SeamStream
 
 if t.TYPE_CHECKING:
+    import datetime as dt
     from collections.abc import Iterator
 
     from singer_sdk.helpers.types import Context
@@ -92,7 +94,7 @@ def retry_after_seconds(header: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-class InvocaStream(RESTStream[int]):
+class InvocaStream(SeamStream):
     """Base stream for Invoca's network API: auth, retries, and safe, ordered paging.
 
     Paging is id-anchored offset paging. Invoca offers only ``start``/``limit``
@@ -116,6 +118,7 @@ class InvocaStream(RESTStream[int]):
         self._window = self._max_concurrency
         self._window_lock = threading.Lock()
         self._paging_over = threading.Event()  # tells prefetches still retrying to give up
+        self.server_date_at_start: dt.datetime | None = None  # Invoca's clock at the first response
 
     @property
     @override
@@ -134,9 +137,7 @@ class InvocaStream(RESTStream[int]):
     @cached_property
     @override
     def user_agent(self) -> str:
-        return (
-            self.config.get("user_agent") or f"tap-invoca-destinations/{self._tap.plugin_version}"
-        )
+        return self.config.get("user_agent") or f"tap-invoca-destinations/{self.plugin_version}"
 
     @property
     @override

@@ -62,7 +62,13 @@ KNOWN_TOP_LEVEL = frozenset(TOP_LEVEL) | frozenset(SUB_OBJECTS)
 _MEMBER_SETS = {obj: frozenset(members) for obj, members in SUB_OBJECTS.items()}
 _NOTHING: frozenset[str] = frozenset()
 
-_OFFSET_FORM = re.compile(r"[+-]\d{4}\Z")
+_OFFSET_FORM = re.compile(r"[+-](?:[01]\d|2[0-3])[0-5]\d\Z")  # -0700; hours 00-23, minutes 00-59
+# Forms accepted besides Invoca's own: ISO 8601 / RFC 3339 dates and date-times.
+_ISO_FORM = re.compile(
+    r"\d{4}-\d{2}-\d{2}"
+    r"(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?"
+    r"(?:[Zz]|[+-](?:[01]\d|2[0-3]):?[0-5]\d)?)?\Z"
+)
 _OFFSETS: dict[str, dt.timedelta] = {}  # "-0700" -> timedelta, filled as seen
 _TRUE = frozenset({"true", "t", "1", "yes"})
 _FALSE = frozenset({"false", "f", "0", "no"})
@@ -103,11 +109,50 @@ def _utc_offset(text: str) -> dt.timedelta:
     return offset
 
 
-def to_rfc3339_utc(value: str) -> str:
-    """Return an Invoca timestamp as an RFC 3339 string in UTC.
+def parse_instant(value: str) -> dt.datetime:
+    """Parse a timestamp strictly into an aware UTC datetime.
 
-    The documented Invoca form (``2023-10-19 03:49:21 -0700``) takes a fast path;
-    anything else is parsed by pendulum.
+    Accepted: Invoca's form (``2023-10-19 03:49:21 -0700``) and ISO 8601 /
+    RFC 3339 dates and date-times (``2023-10-19``, ``2023-10-19T10:49:21Z``,
+    ``…+05:30``); a value without an offset is taken as UTC. Anything else,
+    including offsets of 24 hours or more, is refused.
+
+    Args:
+        value: The text to parse.
+
+    Returns:
+        The instant, in UTC.
+
+    Raises:
+        ValueError: If the value is not one of the accepted forms.
+    """
+    if (
+        len(value) == 25  # noqa: PLR2004 - the documented form's length
+        and value[10] == " "
+        and value[13] == ":"
+        and value[16] == ":"
+        and value[19] == " "
+    ):
+        local = dt.datetime.fromisoformat(value[:19])
+        if local.tzinfo is None:
+            return (local - _utc_offset(value[20:])).replace(tzinfo=dt.timezone.utc)
+    msg = f"not a date-time: {value!r}"
+    if not _ISO_FORM.match(value):
+        raise ValueError(msg)
+    import pendulum  # noqa: PLC0415 - imported on first need: it costs 0.2 s at startup
+
+    parsed = pendulum.parse(value, exact=True)
+    if isinstance(parsed, pendulum.Date) and not isinstance(parsed, pendulum.DateTime):
+        parsed = pendulum.datetime(parsed.year, parsed.month, parsed.day)
+    if not isinstance(parsed, pendulum.DateTime):  # pragma: no cover - the regex allows no other
+        raise ValueError(msg)  # noqa: TRY004 - callers catch ValueError
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.timezone.utc)
+    return parsed.astimezone(dt.timezone.utc)
+
+
+def to_rfc3339_utc(value: str) -> str:
+    """Return a timestamp (see ``parse_instant``) as an RFC 3339 string in UTC.
 
     Args:
         value: The source timestamp.
@@ -119,20 +164,11 @@ def to_rfc3339_utc(value: str) -> str:
         ValueError: If the value is not a timestamp.
     """
     if len(value) == 25 and value[10] == " " and value[19] == " ":  # noqa: PLR2004
-        try:
-            local = dt.datetime.fromisoformat(value[:19])
+        # The documented form, without building a datetime twice (the hot path).
+        local = dt.datetime.fromisoformat(value[:19])
+        if local.tzinfo is None and value[13] == ":" and value[16] == ":":
             return (local - _utc_offset(value[20:])).isoformat() + "+00:00"
-        except ValueError:
-            pass  # not the documented form after all: let pendulum decide
-    import pendulum  # noqa: PLC0415 - imported on first need: it costs 0.2 s at startup
-
-    parsed = pendulum.parse(value, exact=True)
-    if not isinstance(parsed, pendulum.DateTime):
-        msg = f"not a date-time: {value!r}"
-        raise ValueError(msg)  # noqa: TRY004 - callers catch ValueError
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.timezone.utc)
-    return parsed.astimezone(dt.timezone.utc).isoformat()
+    return parse_instant(value).isoformat()
 
 
 def _coerce(value: object, kind: str, record_id: object, column: str) -> object:  # noqa: C901, PLR0911, PLR0912

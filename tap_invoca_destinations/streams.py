@@ -8,16 +8,15 @@ import typing as t
 
 from singer_sdk import typing as th
 from singer_sdk.helpers.conform import TypeConformanceLevel
-from singer_sdk.mapper import SameRecordTransform
 
 from tap_invoca_destinations.client import DEFAULT_API_VERSION, InvocaError, InvocaStream
-from tap_invoca_destinations.output import BufferedSingerWriter
 from tap_invoca_destinations.records import (
     BOOLEAN,
     COLUMNS,
     INTEGER,
     TIMESTAMP,
     RecordShapeError,
+    parse_instant,
     shape_record,
     unknown_fields,
 )
@@ -32,6 +31,10 @@ if t.TYPE_CHECKING:
 
     from singer_sdk.helpers.types import Context
 
+
+BOOKMARK_MARGIN = dt.timedelta(seconds=5)  # clock and rounding slack below the sync's start
+FUTURE_TOLERANCE = dt.timedelta(minutes=5)  # a state bookmark later than now by more is refused
+MAX_DRIFT_NAMES_LISTED = 20  # unknown field names named in warnings per run; the rest are counted
 
 _SCHEMA_TYPES: dict[str, type[th.JSONTypeHelper[t.Any]]] = {
     INTEGER: th.IntegerType,
@@ -55,10 +58,12 @@ class DestinationsStream(InvocaStream):
     """Invoca Destinations (``customer_phone_numbers``), one flat record per phone number."""
 
     name = "destinations"
-    primary_keys = ("id",)
+    # Ids are not documented to be unique across networks; several networks may
+    # load into one table.
+    primary_keys = ("network_id", "id")
     replication_key = "updated_at"
-    # Records come in id order, not updated_at order: the bookmark is promoted
-    # only when the stream completes (never ahead of unseen records).
+    # Records come in id order, not updated_at order: the bookmark is handed to
+    # the SDK once, when the whole list was read (never ahead of unseen records).
     is_sorted = False
     schema = _schema()
     # shape_record already emits JSON-ready, schema-typed values; the SDK's
@@ -66,12 +71,13 @@ class DestinationsStream(InvocaStream):
     TYPE_CONFORMANCE_LEVEL = TypeConformanceLevel.NONE
 
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
-        """Initialise the stream and its schema-drift tracker."""
+        """Initialise the stream and its schema-drift and bookmark trackers."""
         super().__init__(*args, **kwargs)
         self.unknown_fields_seen: set[str] = set()
-        self._direct_write: bool | None = None
-        self._time_extracted = ""
-        self._newest: dict[str, t.Any] | None = None  # record with the greatest updated_at
+        self._unlisted_drift: set[str] = set()
+        self._newest_updated_at: str | None = None
+        self._sync_started_at = dt.datetime.now(dt.timezone.utc)
+        self._discarded_future_bookmark = False
 
     @property
     @override
@@ -98,103 +104,114 @@ class DestinationsStream(InvocaStream):
     def get_records(self, context: Context | None) -> Iterator[dict[str, t.Any]]:
         network_id = str(self.config["network_id"])
         only_tracked = not self.config.get("include_inactive", True)
+        self._sync_started_at = dt.datetime.now(dt.timezone.utc)
         since = self._starting_updated_at(context)
-        try:
-            for raw_records in self.iter_pages():
-                self._time_extracted = dt.datetime.now(dt.timezone.utc).isoformat()
-                for raw in raw_records:
-                    drift = unknown_fields(raw)
-                    if drift and not drift <= self.unknown_fields_seen:
-                        self._report_drift(drift)
-                    try:
-                        record = shape_record(raw, network_id)
-                    except RecordShapeError as exc:
-                        raise InvocaError(str(exc)) from exc
-                    if only_tracked and record["dynamic_number_pool_id"] is None:
-                        continue
-                    updated_at = record["updated_at"]
-                    if since is not None and updated_at is not None and updated_at < since:
-                        continue
-                    yield record
-        finally:
-            # Records buffered ahead of a failure still go out (with no STATE after them).
-            writer = self._tap.message_writer
-            if isinstance(writer, BufferedSingerWriter):
-                writer.flush()
-        self._advance_bookmark()
+        for raw_records in self.iter_pages():
+            self.time_extracted = dt.datetime.now(dt.timezone.utc).isoformat()
+            for raw in raw_records:
+                drift = unknown_fields(raw)
+                if drift and not drift <= self.unknown_fields_seen:
+                    self._report_drift(drift)
+                try:
+                    record = shape_record(raw, network_id)
+                except RecordShapeError as exc:
+                    raise InvocaError(str(exc)) from exc
+                if only_tracked and record["dynamic_number_pool_id"] is None:
+                    continue
+                updated_at = record["updated_at"]
+                if since is not None and updated_at is not None and updated_at < since:
+                    continue
+                yield record
+        self._finish_bookmark()
+        if self._unlisted_drift:
+            self.logger.warning(
+                "Invoca sent %d more unknown field name(s) not listed above",
+                len(self._unlisted_drift),
+            )
 
     @override
-    def _write_record_message(self, record: dict[str, t.Any]) -> None:
-        # The SDK copies and walks every record (deselection, conformance) and
-        # builds a message object for it; shaped records need none of that, so
-        # unless stream maps or deselection are in play they go out directly.
-        if self._direct_write is None:
-            self._direct_write = self._can_write_directly()
-        if not self._direct_write:
-            super()._write_record_message(record)
-            return
-        message: dict[str, t.Any] = {"type": "RECORD", "stream": self.name, "record": record}
-        if self._stream_version is not None:
-            message["version"] = self._stream_version
-        message["time_extracted"] = self._time_extracted
-        t.cast("BufferedSingerWriter", self._tap.message_writer).write_record(message)
-        self.state_manager.is_flushed = False
-
-    def _can_write_directly(self) -> bool:
-        maps = self.stream_maps
-        return (
-            isinstance(self._tap.message_writer, BufferedSingerWriter)
-            and len(maps) == 1
-            and type(maps[0]) is SameRecordTransform
-            and maps[0].stream_alias == self.name
-            and not self.config.get("flattening_enabled")
-            and all(self.mask.get(("properties", name), True) for name in COLUMNS)
-        )
-
-    @override
-    def _process_record(
-        self,
-        record: dict[str, t.Any],
-        child_context: Context | None = None,
-        partition_context: Context | None = None,
-    ) -> None:
-        # The SDK builds a child context per record for child streams and
-        # partitions; this stream has neither, so there is nothing to do.
-        if self.child_streams or partition_context:
-            super()._process_record(record, child_context, partition_context)
-
-    @override
-    def _increment_stream_state(
-        self, latest_record: dict[str, t.Any], *, context: Context | None = None
-    ) -> None:
-        # Called per record; only the newest record matters to an unsorted stream's
-        # bookmark, so keep it and hand it to the SDK once per page (_advance_bookmark).
+    def observe_replication_value(self, value: t.Any) -> None:
         # A null updated_at moves no bookmark (the SDK would warn for each one).
-        updated_at = latest_record.get("updated_at")
-        if updated_at is not None and (
-            self._newest is None or updated_at > self._newest["updated_at"]
+        if value is not None and (
+            self._newest_updated_at is None or value > self._newest_updated_at
         ):
-            self._newest = latest_record
+            self._newest_updated_at = value
 
-    def _advance_bookmark(self) -> None:
-        if self._newest is not None:
-            super()._increment_stream_state(self._newest, context=self.context)
-            self._newest = None
+    def bookmark_ceiling(self) -> dt.datetime:
+        """The latest bookmark this sync may write.
+
+        Invoca stores whole seconds, and its clock may differ from ours: a change
+        made after the sync began can carry any time from the sync's start, in
+        whole seconds, on the earlier of the two clocks. So the bookmark never
+        passes that, minus a margin; records at the boundary come again next run
+        (the inclusive rule).
+        """
+        starts = [self._sync_started_at]
+        if self.server_date_at_start is not None:
+            starts.append(self.server_date_at_start)
+        return min(starts).replace(microsecond=0) - BOOKMARK_MARGIN
+
+    def _finish_bookmark(self) -> None:
+        if self.replication_method != "INCREMENTAL":
+            return
+        ceiling = self.bookmark_ceiling().isoformat()
+        newest = self._newest_updated_at
+        if newest is not None:
+            self.commit_bookmark(min(newest, ceiling))
+        elif self._discarded_future_bookmark:
+            self.commit_bookmark(ceiling)  # the whole list was read: nothing older is unseen
 
     def _starting_updated_at(self, context: Context | None) -> str | None:
-        """The inclusive lower bound on updated_at, as an RFC 3339 UTC string."""
+        """The inclusive lower bound on updated_at, as an RFC 3339 UTC string.
+
+        Raises:
+            InvocaError: If the state's bookmark is not a timestamp.
+        """
         if self.replication_method != "INCREMENTAL":
             return None
-        start = self.get_starting_timestamp(context)
-        if start is None:
-            return None
+        bookmark = self.get_starting_replication_key_value(context)
+        start_date = self.config.get("start_date")
+        if bookmark is None:
+            return None if start_date is None else _utc_text(parse_instant(start_date))
+        if not isinstance(bookmark, str):
+            msg = (
+                f"state: the bookmark of stream '{self.name}' (replication_key_value) must "
+                f"be a timestamp string, got {type(bookmark).__name__} {bookmark!r}"
+            )
+            raise InvocaError(msg)
+        try:
+            moment = parse_instant(bookmark)
+        except ValueError:
+            msg = (
+                f"state: the bookmark of stream '{self.name}' (replication_key_value) is not "
+                f"a timestamp: {bookmark!r}"
+            )
+            raise InvocaError(msg) from None
+        if moment > self._sync_started_at + FUTURE_TOLERANCE:
+            self._discarded_future_bookmark = True
+            self.logger.warning(
+                "The state's bookmark %s is in the future (now: %s); ignoring it, so this "
+                "run reads every destination%s",
+                bookmark,
+                self._sync_started_at.replace(microsecond=0).isoformat(),
+                "" if start_date is None else " since start_date",
+            )
+            return None if start_date is None else _utc_text(parse_instant(start_date))
         # Same shape as emitted values (UTC, "+00:00"), so plain string comparison orders them.
-        return start.astimezone(dt.timezone.utc).isoformat()
+        return _utc_text(moment)
 
     def _report_drift(self, names: frozenset[str]) -> None:
         new = sorted(names - self.unknown_fields_seen)
         self.unknown_fields_seen.update(new)
-        self.logger.warning(
-            "Invoca sent field(s) this tap does not know; they are not emitted: %s",
-            ", ".join(new),
-        )
+        room = MAX_DRIFT_NAMES_LISTED - (len(self.unknown_fields_seen) - len(new))
+        listed, unlisted = new[: max(room, 0)], new[max(room, 0) :]
+        self._unlisted_drift.update(unlisted)
+        if listed:
+            self.logger.warning(
+                "Invoca sent field(s) this tap does not know; they are not emitted: %s",
+                ", ".join(listed),
+            )
+
+
+def _utc_text(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.timezone.utc).isoformat()

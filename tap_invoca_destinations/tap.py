@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
+import io
 import ipaddress
+import json
 import logging
 import os
+import signal
 import sys
 import typing as t
-from urllib.parse import urlparse
+from urllib.parse import quote, quote_plus, urlparse
 
 from jsonschema import Draft7Validator
-from singer_sdk import Tap
 from singer_sdk import typing as th
-from singer_sdk.configuration._dict_config import parse_environment_config
 from singer_sdk.exceptions import ConfigValidationError
-from singer_sdk.helpers._classproperty import classproperty
 
 from tap_invoca_destinations.client import DEFAULT_API_VERSION, DEFAULT_BASE_URL, InvocaError
-from tap_invoca_destinations.output import BufferedSingerWriter
+from tap_invoca_destinations.output import OutputClosed, SyncInterrupted
+from tap_invoca_destinations.records import parse_instant
+from tap_invoca_destinations.sdk_seam import SeamTap
 from tap_invoca_destinations.streams import DestinationsStream
 
 if sys.version_info >= (3, 12):
@@ -30,30 +33,43 @@ else:  # pragma: no cover
 if t.TYPE_CHECKING:
     from singer_sdk.streams import Stream
 
+
 STATUSES = ["ignored", "tracked", "discovered"]
 SECRET_KEYS = frozenset({"api_token"})
 
 
 class RedactSecret(logging.Filter):
-    """Replaces a secret in every log line (message, arguments and traceback).
+    """Replaces a secret, in every form it may be printed in, in every log line.
 
     A safety net: the tap never logs the token on purpose, but libraries log
-    what they like at DEBUG.
+    what they like at DEBUG, and quote values in their errors (``repr``,
+    JSON, URL-encoded).
     """
 
     def __init__(self, secret: str) -> None:
-        """Redact ``secret``."""
+        """Redact ``secret`` and its quoted, escaped and URL-encoded forms."""
         super().__init__()
         self.secret = secret
+        forms = {secret, repr(secret)[1:-1], json.dumps(secret)[1:-1]}
+        forms |= {quote(secret, safe=""), quote_plus(secret)}
+        self.forms = sorted((f for f in forms if f), key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        """Return ``text`` with every form of the secret replaced."""
+        for form in self.forms:
+            if form in text:
+                text = text.replace(form, "<redacted>")
+        return text
 
     @override
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if self.secret in message:
-            record.msg, record.args = message.replace(self.secret, "<redacted>"), None
+        redacted = self.redact(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
         if record.exc_info:
             text = record.exc_text or logging.Formatter().formatException(record.exc_info)
-            record.exc_text = text.replace(self.secret, "<redacted>")
+            record.exc_text = self.redact(text)
         return True
 
 
@@ -73,12 +89,11 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-class TapInvocaDestinations(Tap):
+class TapInvocaDestinations(SeamTap):
     """Singer tap for Invoca Destinations (the API's ``customer_phone_numbers``)."""
 
     name = "tap-invoca-destinations"
     package_name = "tap-invoca-destinations"
-    message_writer_class = BufferedSingerWriter
 
     config_jsonschema = th.PropertiesList(
         th.Property(
@@ -193,6 +208,16 @@ class TapInvocaDestinations(Tap):
             "jitter, each wait capped at 120 s). `Retry-After` overrides it.",
         ),
         th.Property(
+            "emit_activate_version_messages",
+            th.BooleanType,
+            default=False,
+            title="Emit ACTIVATE_VERSION (mirror mode)",
+            description="With FULL_TABLE replication: stamp records with a table version "
+            "and, only after the whole list was read, send ACTIVATE_VERSION so that the "
+            "target deletes or flags rows Invoca no longer has. A failed or stopped run "
+            "sends none.",
+        ),
+        th.Property(
             "user_agent",
             th.StringType,
             title="User agent",
@@ -201,51 +226,25 @@ class TapInvocaDestinations(Tap):
         ),
     ).to_dict()
 
-    @classproperty
-    def _env_var_config(cls) -> dict[str, t.Any]:  # noqa: N805
-        # The SDK parses integer settings from the environment with a bare int():
-        # name the variable instead of crashing with a traceback.
-        schema = cls._config_schema()
-        prefix = cls._env_var_prefix
-        try:
-            return parse_environment_config(schema, prefix)
-        except ValueError:
-            bad = sorted(
-                f"{prefix}{key.upper()} must be an integer"
-                for key, prop in schema["properties"].items()
-                if "integer" in str(prop.get("type"))
-                and not os.environ.get(f"{prefix}{key.upper()}", "0").strip().lstrip("-").isdigit()
-            )
-            msg = "Config validation failed"
-            raise ConfigValidationError(
-                msg,
-                errors=bad or ["an environment setting has a bad value"],
-            ) from None
+    @override
+    def normalize_config(self, config: dict[str, t.Any]) -> None:
+        network_id = config.get("network_id")
+        if isinstance(network_id, int) and not isinstance(network_id, bool):
+            config["network_id"] = str(network_id)
+        token = config.get("api_token")
+        if isinstance(token, str) and token != token.strip():
+            # Secret files and .env values often end in a newline.
+            self.secret_forms.add(token)
+            config["api_token"] = token.strip()
 
     @override
-    def _validate_config(self, *, raise_errors: bool = True) -> list[str]:
-        # The SDK's messages quote offending values (a mistyped api_token would be
-        # printed) and cannot express cross-setting rules; ours name keys only.
-        config = self._config
-        if isinstance(config.get("network_id"), int) and not isinstance(config["network_id"], bool):
-            config["network_id"] = str(config["network_id"])
-        errors = [*self._schema_errors(), *self._rule_errors()]
-        if errors and raise_errors:
-            msg = "Config validation failed"
-            raise ConfigValidationError(msg, errors=errors)
-        for error in errors:
-            self.logger.warning("Config: %s", error)
-        return errors
+    def config_errors(self, config: dict[str, t.Any]) -> list[str]:
+        # Messages name the key; only non-secret values are quoted.
+        return [*self._schema_errors(config), *self._rule_errors(config)]
 
-    @classmethod
-    def _config_schema(cls) -> dict[str, t.Any]:
-        """The settings' JSON schema, with the SDK's built-in settings (stream maps, ...)."""
-        cls.append_builtin_config(cls.config_jsonschema)  # adds only what is missing
-        return cls.config_jsonschema
-
-    def _schema_errors(self) -> list[str]:
+    def _schema_errors(self, config: dict[str, t.Any]) -> list[str]:
         errors = []
-        for error in Draft7Validator(self._config_schema()).iter_errors(self._config):
+        for error in Draft7Validator(self.settings_schema()).iter_errors(config):
             if error.validator == "required":
                 errors.append(error.message.replace(" is a required property", ": is required"))
                 continue
@@ -258,8 +257,7 @@ class TapInvocaDestinations(Tap):
                 errors.append(f"{key}: {error.message}")
         return errors
 
-    def _rule_errors(self) -> list[str]:
-        config = self._config
+    def _rule_errors(self, config: dict[str, t.Any]) -> list[str]:
         errors = []
         base_url = config.get("base_url", DEFAULT_BASE_URL)
         if isinstance(base_url, str):
@@ -280,20 +278,26 @@ class TapInvocaDestinations(Tap):
             )
         start_date = config.get("start_date")
         if isinstance(start_date, str):
-            import pendulum  # noqa: PLC0415 - only needed here and for odd timestamps
-
             try:
-                pendulum.parse(start_date)
-            except (ValueError, TypeError):
-                errors.append(f"start_date: not a date-time: {start_date!r}")
+                parse_instant(start_date)
+            except ValueError:
+                errors.append(
+                    f"start_date: not an ISO 8601 date or date-time (e.g. 2023-10-19 or "
+                    f"2023-10-19T00:00:00Z): {start_date!r}",
+                )
+        token = config.get("api_token")
+        if isinstance(token, str) and not token.isprintable():
+            errors.append("api_token: contains control characters (value not shown)")
         return errors
 
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
         """Create the tap; from here on the token is redacted from every log line."""
+        self.secret_forms: set[str] = set()  # the token as configured, if tidied
         super().__init__(*args, **kwargs)
         token = self.config.get("api_token")
-        if isinstance(token, str) and token:
-            redact_in_logs(token)
+        for secret in {token, *self.secret_forms}:
+            if isinstance(secret, str) and secret.strip():
+                redact_in_logs(secret)
 
     @override
     def discover_streams(self) -> list[Stream]:
@@ -301,15 +305,62 @@ class TapInvocaDestinations(Tap):
 
     @classmethod
     @override
-    def invoke(cls, **kwargs: t.Any) -> None:
+    def invoke(cls, *, state: t.IO[str] | None = None, **kwargs: t.Any) -> None:
         # At exit the interpreter's GC passes walk every object of the SDK's ~650
         # modules (0.2-0.3 s a run); freezing them first makes those passes skip them.
         atexit.register(gc.freeze)
         try:
-            super().invoke(**kwargs)
-        except InvocaError as exc:
+            super().invoke(state=None if state is None else checked_state_file(state), **kwargs)
+        except SyncInterrupted as exc:
+            cls.logger.error(  # noqa: TRY400 - one line; the traceback helps nobody
+                "Sync stopped by %s: every record written so far is complete; no final "
+                "STATE was written, so the next run starts from the previous bookmark",
+                exc.signal_name,
+            )
+            _exit_now(exc.exit_code)
+        except OutputClosed as exc:
+            cls.logger.error("Sync stopped: %s", exc)  # noqa: TRY400
+            _exit_now(1)
+        except ConfigValidationError:
+            raise  # the SDK's CLI prints one line per bad key
+        except Exception as exc:
             # One readable line at the default level; the traceback only at DEBUG.
-            sys.stdout.flush()
             cls.logger.debug("Traceback of the failure below", exc_info=True)
-            cls.logger.error("Sync failed: %s", exc)  # noqa: TRY400
-            sys.exit(1)
+            known = isinstance(exc, (InvocaError, StateFileError))
+            detail = str(exc) if known else f"{type(exc).__name__}: {exc}"
+            cls.logger.error("Sync failed: %s", detail)  # noqa: TRY400
+            _exit_now(1)
+
+
+class StateFileError(Exception):
+    """The --state file cannot be used."""
+
+
+def checked_state_file(state: t.IO[str]) -> t.IO[str]:
+    """Read and check a ``--state`` file, so that a bad one fails in one line naming it.
+
+    Raises:
+        StateFileError: If the file is not UTF-8 JSON holding an object whose
+            ``bookmarks`` (if any) is an object.
+    """
+    name = getattr(state, "name", "the state file")
+    try:
+        text = state.read()
+        value = json.loads(text) if text.strip() else {}
+    except (UnicodeDecodeError, ValueError) as exc:
+        msg = f"--state {name}: not a JSON state file ({type(exc).__name__}: {exc})"
+        raise StateFileError(msg) from None
+    if not isinstance(value, dict) or not isinstance(value.get("bookmarks", {}), dict):
+        msg = f'--state {name}: expected a JSON object like {{"bookmarks": {{...}}}}'
+        raise StateFileError(msg)
+    return io.StringIO(text)
+
+
+def _exit_now(code: int) -> t.NoReturn:
+    """Exit without waiting for request threads still running (they hold nothing of value)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)  # a second signal must not interrupt the exit
+    logging.shutdown()
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
+    os._exit(code)

@@ -54,7 +54,7 @@ def test_discover_with_sample_config_prints_the_contract_schema(tmp_path: Path) 
     catalog = json.loads(run.stdout)
     (stream,) = catalog["streams"]
     assert stream["tap_stream_id"] == "destinations"
-    assert stream["key_properties"] == ["id"]
+    assert stream["key_properties"] == ["network_id", "id"]
     assert stream["replication_key"] == "updated_at"
     props = stream["schema"]["properties"]
     assert list(props) == list(COLUMNS)

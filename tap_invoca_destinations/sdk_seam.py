@@ -1,0 +1,217 @@
+"""The seam to singer-sdk: every use of its private names, in one place.
+
+The rest of the package uses public SDK API only. Each override below says in
+one line where the public API falls short; all were read against the singer-sdk
+version in ``SDK_VERSION_CHECKED``. To upgrade the SDK, follow
+``docs/sdk-upgrade.md``: re-read each override against the new SDK source, then
+run ``tests/test_parity.py``, which compares the fast record path with the
+SDK's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import typing as t
+
+from singer_sdk import Tap
+from singer_sdk.configuration._dict_config import parse_environment_config
+from singer_sdk.exceptions import ConfigValidationError
+from singer_sdk.helpers._classproperty import classproperty
+from singer_sdk.mapper import SameRecordTransform
+from singer_sdk.streams import RESTStream
+
+from tap_invoca_destinations.output import BufferedSingerWriter, OutputClosed
+
+if sys.version_info >= (3, 12):
+    from typing import override
+else:  # pragma: no cover
+    from typing_extensions import override
+
+if t.TYPE_CHECKING:
+    from types import FrameType
+
+    from singer_sdk.helpers._batch import BatchConfig
+    from singer_sdk.helpers.types import Context
+
+SDK_VERSION_CHECKED = "0.54.9"
+
+
+class SeamTap(Tap):
+    """Tap base: config parsing and validation, and what a stop signal does."""
+
+    message_writer_class = BufferedSingerWriter
+
+    @classproperty
+    def _env_var_config(cls) -> dict[str, t.Any]:  # noqa: N805
+        # The SDK parses integer settings from the environment with a bare int():
+        # name the variable instead of crashing with a traceback.
+        schema = cls.settings_schema()
+        prefix = cls._env_var_prefix
+        try:
+            return parse_environment_config(schema, prefix)
+        except ValueError:
+            bad = sorted(
+                f"{prefix}{key.upper()} must be an integer"
+                for key, prop in schema["properties"].items()
+                if "integer" in str(prop.get("type"))
+                and not os.environ.get(f"{prefix}{key.upper()}", "0").strip().lstrip("-").isdigit()
+            )
+            msg = "Config validation failed"
+            raise ConfigValidationError(
+                msg,
+                errors=bad or ["an environment setting has a bad value"],
+            ) from None
+
+    @override
+    def _validate_config(self, *, raise_errors: bool = True) -> list[str]:
+        # The SDK's messages quote offending values (a mistyped api_token would be
+        # printed) and cannot express cross-setting rules: see config_errors.
+        self.normalize_config(self._config)
+        errors = self.config_errors(self._config)
+        if errors and raise_errors:
+            msg = "Config validation failed"
+            raise ConfigValidationError(msg, errors=errors)
+        for error in errors:
+            self.logger.warning("Config: %s", error)
+        return errors
+
+    @override
+    def _handle_termination(self, signum: int, frame: FrameType | None) -> None:
+        # The SDK writes a STATE from inside the handler (possibly in the middle of
+        # a write) and exits 0; a stopped sync is not a success.
+        t.cast("BufferedSingerWriter", self.message_writer).interrupt(signum)
+
+    @classmethod
+    def settings_schema(cls) -> dict[str, t.Any]:
+        """The settings' JSON schema, with the SDK's built-in settings (stream maps, ...)."""
+        cls.append_builtin_config(cls.config_jsonschema)  # adds only what is missing
+        return cls.config_jsonschema
+
+    def normalize_config(self, config: dict[str, t.Any]) -> None:
+        """Tidy config values in place before validation (a hook for the tap)."""
+
+    def config_errors(self, config: dict[str, t.Any]) -> list[str]:  # noqa: ARG002
+        """Return one message per bad setting, naming the key (a hook for the tap)."""
+        return []
+
+
+class SeamStream(RESTStream[int]):
+    """Stream base: the fast record path, bookmark hand-over and mirror-mode ordering.
+
+    ``FAST_RECORD_PATH`` off sends every record through the SDK's own path; the
+    parity tests compare both.
+    """
+
+    FAST_RECORD_PATH = True
+
+    def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
+        """Initialise the stream and the seam's own state."""
+        super().__init__(*args, **kwargs)
+        self._direct_write: bool | None = None
+        self._deferred_version: int | None = None
+        self.time_extracted = ""  # RFC 3339; set by the stream per page
+
+    @property
+    def plugin_version(self) -> str:
+        """The tap's version (for the User-Agent header)."""
+        return str(self._tap.plugin_version)
+
+    # --- records -------------------------------------------------------------
+
+    @override
+    def _write_record_message(self, record: dict[str, t.Any]) -> None:
+        # The SDK copies and walks every record (deselection, conformance) and
+        # builds a message object for it; shaped records need none of that, so
+        # unless stream maps, flattening or deselection are in play they go out directly.
+        if self._direct_write is None:
+            self._direct_write = self._can_write_directly()
+        if not self._direct_write:
+            super()._write_record_message(record)
+            return
+        message: dict[str, t.Any] = {"type": "RECORD", "stream": self.name, "record": record}
+        if self._stream_version is not None:
+            message["version"] = self._stream_version
+        message["time_extracted"] = self.time_extracted
+        t.cast("BufferedSingerWriter", self._tap.message_writer).write_record(message)
+        self.state_manager.is_flushed = False
+
+    def _can_write_directly(self) -> bool:
+        maps = self.stream_maps
+        return (
+            self.FAST_RECORD_PATH
+            and isinstance(self._tap.message_writer, BufferedSingerWriter)
+            and len(maps) == 1
+            and type(maps[0]) is SameRecordTransform
+            and maps[0].stream_alias == self.name
+            and not self.config.get("flattening_enabled")
+            and all(self.mask.get(("properties", name), True) for name in self.schema["properties"])
+        )
+
+    @override
+    def _process_record(
+        self,
+        record: dict[str, t.Any],
+        child_context: Context | None = None,
+        partition_context: Context | None = None,
+    ) -> None:
+        # The SDK builds a child context per record for child streams and
+        # partitions; a stream with neither has nothing to do here.
+        if not self.FAST_RECORD_PATH or self.child_streams or partition_context:
+            super()._process_record(record, child_context, partition_context)
+
+    # --- bookmarks -----------------------------------------------------------
+
+    @override
+    def _increment_stream_state(
+        self, latest_record: dict[str, t.Any], *, context: Context | None = None
+    ) -> None:
+        # Called per record; an unsorted stream's bookmark depends only on the
+        # greatest value, which the stream tracks and hands over with commit_bookmark.
+        self.observe_replication_value(latest_record.get(t.cast("str", self.replication_key)))
+
+    def observe_replication_value(self, value: t.Any) -> None:  # noqa: ANN401
+        """Note one emitted record's replication key value (a hook for the stream)."""
+
+    def commit_bookmark(self, value: str) -> None:
+        """Hand the sync's bookmark to the SDK's state machinery, once per sync."""
+        key = t.cast("str", self.replication_key)
+        super()._increment_stream_state({key: value}, context=self.context)
+
+    # --- mirror mode: ACTIVATE_VERSION only after a complete read ------------
+
+    @override
+    def _write_activate_version_message(self, full_table_version: int) -> None:
+        # The SDK sends this before the records; a target that acts on it deletes
+        # or flags live rows when the run then fails. Held until the list is read.
+        self._deferred_version = full_table_version
+
+    @override
+    def _sync_records(
+        self,
+        context: Context | None = None,
+        *,
+        write_messages: bool = True,
+    ) -> t.Generator[dict[str, t.Any], t.Any, t.Any]:
+        # Wrapped to send the held ACTIVATE_VERSION once every record is out, and
+        # to write out records buffered ahead of a failure or a stop (whole lines,
+        # no STATE after them).
+        try:
+            yield from super()._sync_records(context, write_messages=write_messages)
+        finally:
+            with contextlib.suppress(OutputClosed):
+                t.cast("BufferedSingerWriter", self._tap.message_writer).flush()
+        if write_messages:
+            self._activate_held_version()
+
+    @override
+    def _sync_batches(self, batch_config: BatchConfig, context: Context | None = None) -> None:
+        # Wrapped likewise: after the last BATCH message.
+        super()._sync_batches(batch_config, context=context)
+        self._activate_held_version()
+
+    def _activate_held_version(self) -> None:
+        version, self._deferred_version = self._deferred_version, None
+        if version is not None:
+            super()._write_activate_version_message(version)
