@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -21,39 +22,49 @@ import typing as t
 from pathlib import Path
 
 import pytest
+import yaml  # type: ignore[import-untyped]  # PyYAML comes with meltano; no stubs locked
 from helpers import ROOT, clean_env
-from invoca_server import InvocaServer
+from invoca_server import Faults, InvocaServer
 
 from tap_invoca_destinations.records import BOOLEAN, COLUMNS, INTEGER, TIMESTAMP
 
 pytestmark = pytest.mark.e2e
 
 MELTANO = str(Path(sys.executable).parent / "meltano")
-LOADERS = ["target-csv", "target-jsonl", "target-duckdb", "target-postgres"]
+INCREMENTAL = "tap-invoca-destinations--incremental"
+MIRROR = "tap-invoca-destinations--mirror"
+KEY = ["network_id", "id"]
 
 
 def meltano(
-    env: dict[str, str], *args: str, timeout: float = 600
+    env: dict[str, str],
+    *args: str,
+    timeout: float = 600,
+    cwd: Path = ROOT,
+    check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [MELTANO, *args],
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
     )
-    assert result.returncode == 0, f"meltano {' '.join(args)} failed:\n{result.stderr[-4000:]}"
+    if check:
+        assert result.returncode == 0, f"meltano {' '.join(args)} failed:\n{result.stderr[-4000:]}"
     return result
+
+
+# The README's install command; test_readme_meltano_commands_run checks it is this one.
+INSTALL = ("install",)
 
 
 @pytest.fixture(scope="module")
 def installed() -> None:
-    """Install the extractor and loaders once (Meltano reuses them on later runs)."""
-    env = {**clean_env(), "MELTANO_SEND_ANONYMOUS_USAGE_STATS": "false"}
-    meltano(env, "install", "--plugin-type", "extractor", "tap-invoca-destinations")
-    meltano(env, "install", "--plugin-type", "loader", *LOADERS)
+    """Install every plugin once, as the README says (Meltano reuses them on later runs)."""
+    meltano({**clean_env(), "MELTANO_SEND_ANONYMOUS_USAGE_STATS": "false"}, *INSTALL)
 
 
 @pytest.fixture
@@ -75,9 +86,14 @@ def pipeline(installed: None, server: InvocaServer, tmp_path: Path) -> dict[str,
 def emitted_count(result: subprocess.CompletedProcess[str]) -> int:
     """The tap's own record_count metric, as Meltano relays it."""
     tap_lines = "\n".join(
-        line for line in result.stderr.splitlines() if "tap-invoca-destinations METRIC" in line
+        line
+        for line in result.stderr.splitlines()
+        if re.search(r"tap-invoca-destinations(--\S+)? +METRIC", line)
     )
-    counts = re.findall(r'"metric":\s*"record_count",\s*"value":\s*(\d+)', tap_lines)
+    # Meltano relays the metric as JSON, or parsed into fields when the tap logs structured lines.
+    counts = re.findall(r'"metric":\s*"record_count",\s*"value":\s*(\d+)', tap_lines) + re.findall(
+        r"metric_name=record_count metric_value=(\d+)", tap_lines
+    )
     assert counts, "no record_count metric in Meltano's output"
     return sum(int(c) for c in counts)
 
@@ -195,7 +211,7 @@ def test_duckdb_types_values_and_incremental_upsert(
     import duckdb  # noqa: PLC0415
 
     bookmark = max(r["updated_at"] for r in server.expected_records() if r["updated_at"])
-    first = meltano(pipeline, "run", "tap-invoca-destinations", "target-duckdb")
+    first = meltano(pipeline, "run", INCREMENTAL, "target-duckdb")
     assert emitted_count(first) == 250
     path = str(tmp_path / "warehouse.duckdb")
     with duckdb.connect(path, read_only=True) as db:
@@ -212,7 +228,7 @@ def test_duckdb_types_values_and_incremental_upsert(
         ).fetchall()
     assert set(COLUMNS) <= set(types)
     assert types["id"] in {"BIGINT", "HUGEINT", "INTEGER"}
-    assert keys == [(["id"],)]
+    assert [sorted(k[0]) for k in keys] == [sorted(KEY)]
     for column, kind in COLUMNS.items():
         if kind == TIMESTAMP:
             assert types[column].startswith("TIMESTAMP"), column
@@ -232,7 +248,7 @@ def test_duckdb_types_values_and_incremental_upsert(
             assert got[column] == expected, (want["id"], column)
 
     changed, when = touch_some(server)
-    second = meltano(pipeline, "run", "tap-invoca-destinations", "target-duckdb")
+    second = meltano(pipeline, "run", INCREMENTAL, "target-duckdb")
     assert emitted_count(second) == len(expected_second_run(server, bookmark))
     assert changed <= expected_second_run(server, bookmark)
     with duckdb.connect(path, read_only=True) as db:
@@ -325,7 +341,7 @@ def test_postgres_types_values_and_incremental_upsert(
     # The throwaway server trusts local connections; the loader insists on a password.
     env = {**pipeline, "TARGET_POSTGRES_PORT": str(postgres), "TARGET_POSTGRES_PASSWORD": "unused"}
     bookmark = max(r["updated_at"] for r in server.expected_records() if r["updated_at"])
-    first = meltano(env, "run", "tap-invoca-destinations", "target-postgres")
+    first = meltano(env, "run", INCREMENTAL, "target-postgres")
     assert emitted_count(first) == 250
     types = dict(
         psql(postgres, "SELECT column_name, data_type FROM information_schema.columns "
@@ -337,7 +353,7 @@ def test_postgres_types_values_and_incremental_upsert(
         "JOIN information_schema.key_column_usage kcu USING (constraint_schema, constraint_name) "
         "WHERE tc.table_schema='invoca' AND tc.table_name='destinations' AND tc.constraint_type='PRIMARY KEY'",
     )
-    assert keys == [["id"]]
+    assert sorted(k[0] for k in keys) == sorted(KEY)
     for column, kind in COLUMNS.items():
         if kind == TIMESTAMP:
             assert types[column].startswith("timestamp"), (column, types[column])
@@ -371,7 +387,7 @@ def test_postgres_types_values_and_incremental_upsert(
                 assert text == str(value), (want["id"], column)
 
     changed, when = touch_some(server)
-    second = meltano(env, "run", "tap-invoca-destinations", "target-postgres")
+    second = meltano(env, "run", INCREMENTAL, "target-postgres")
     assert emitted_count(second) == len(expected_second_run(server, bookmark))
     [[count, renamed, latest]] = psql(
         postgres,
@@ -380,3 +396,299 @@ def test_postgres_types_values_and_incremental_upsert(
     )
     assert (int(count), int(renamed)) == (250, len(changed))
     assert int(latest) == int(when.timestamp())
+
+
+# --- the canonical CSV pipeline, run after run -------------------------------------------
+
+
+def test_csv_pipeline_holds_every_current_destination_run_after_run(
+    pipeline: dict[str, str], server: InvocaServer, tmp_path: Path
+) -> None:
+    """`meltano run tap-invoca-destinations target-csv` never shrinks the file to a delta."""
+    meltano(pipeline, "run", "tap-invoca-destinations", "target-csv")
+    assert_csv_matches(tmp_path / "csv" / "destinations.csv", server.expected_records())
+    touch_some(server)
+    server.delete(server.ids()[20:30])
+    server.insert(5)
+    second = meltano(pipeline, "run", "tap-invoca-destinations", "target-csv")
+    assert emitted_count(second) == 245
+    assert_csv_matches(tmp_path / "csv" / "destinations.csv", server.expected_records())
+
+
+# --- a copy of the project, for commands that change meltano.yml ---------------------------
+
+
+@pytest.fixture
+def project(installed: None, tmp_path: Path) -> Path:
+    """A copy of this Meltano project that shares the installed plugins."""
+    root = tmp_path / "project"
+    (root / "output" / "csv").mkdir(parents=True)
+    shutil.copy(ROOT / "meltano.yml", root / "meltano.yml")
+    return root
+
+
+def project_env(project: Path, server: InvocaServer) -> dict[str, str]:
+    return {
+        **clean_env(),
+        "MELTANO_SEND_ANONYMOUS_USAGE_STATS": "false",
+        "MELTANO_SYS_DIR_ROOT": str(ROOT / ".meltano"),  # the plugins installed once
+        "MELTANO_DATABASE_URI": f"sqlite:///{project}/meltano.db",
+        "MELTANO_ENVIRONMENT": "local",
+        "TAP_INVOCA_DESTINATIONS_API_TOKEN": server.token,
+        "TAP_INVOCA_DESTINATIONS_BASE_URL": server.url,
+    }
+
+
+def stored_config(project: Path, name: str, environment: str = "local") -> dict[str, t.Any]:
+    """The extractor's config as `meltano config set` stored it in the environment's entry."""
+    loaded = yaml.safe_load((project / "meltano.yml").read_text(encoding="utf-8"))
+    [env] = [e for e in loaded["environments"] if e["name"] == environment]
+    extractors = env["config"]["plugins"]["extractors"]
+    return next(p for p in extractors if p["name"] == name)["config"]
+
+
+def test_config_set_stream_maps_stores_an_object_and_the_tap_applies_it(
+    project: Path, server: InvocaServer
+) -> None:
+    env = project_env(project, server)
+    maps = {"destinations": {"__filter__": "country_code == '44'", "primary_url": "__NULL__"}}
+    meltano(
+        env, "config", "set", "tap-invoca-destinations", "stream_maps", json.dumps(maps),
+        cwd=project,
+    )  # fmt: skip
+    assert stored_config(project, "tap-invoca-destinations")["stream_maps"] == maps
+    printed = meltano(env, "config", "print", "tap-invoca-destinations", cwd=project)
+    assert "Unknown setting" not in printed.stderr
+    meltano(env, "run", "tap-invoca-destinations", "target-jsonl", cwd=project)
+    lines = (project / "output" / "destinations.jsonl").read_text(encoding="utf-8").splitlines()
+    records = sorted((json.loads(line) for line in lines), key=lambda r: r["id"])
+    want = [
+        {k: v for k, v in r.items() if k != "primary_url"}
+        for r in server.expected_records()
+        if r["country_code"] == "44"
+    ]
+    assert want
+    assert records == want
+
+
+# --- mirror mode into PostgreSQL ---------------------------------------------------------
+
+
+@pytest.fixture
+def mirror_server(make_server: t.Callable[..., InvocaServer]) -> InvocaServer:
+    return make_server(500)
+
+
+def pg_env(base: dict[str, str], port: int, schema: str, **settings: str) -> dict[str, str]:
+    """`base` loading into its own PostgreSQL schema (tests share one database)."""
+    env = {
+        **base,
+        "TARGET_POSTGRES_PORT": str(port),
+        # The throwaway server trusts local connections; the loader insists on a password.
+        "TARGET_POSTGRES_PASSWORD": "unused",
+        "TARGET_POSTGRES_DEFAULT_TARGET_SCHEMA": schema,
+        "TAP_INVOCA_DESTINATIONS_PAGE_SIZE": "100",
+    }
+    env.update({f"TARGET_POSTGRES_{k.upper()}": v for k, v in settings.items()})
+    return env
+
+
+def pg_rows(port: int, schema: str) -> dict[tuple[str, int], bool]:
+    """(network_id, id) -> whether the row is flagged deleted."""
+    rows = psql(
+        port,
+        f"SELECT network_id, id, _sdc_deleted_at IS NOT NULL FROM {schema}.destinations",
+    )
+    return {(n, int(i)): flagged == "t" for n, i, flagged in rows}
+
+
+def live_keys(server: InvocaServer) -> set[tuple[str, int]]:
+    return {(server.network_id, i) for i in server.ids()}
+
+
+def test_mirror_with_hard_delete_leaves_exactly_the_servers_list(
+    pipeline: dict[str, str], mirror_server: InvocaServer, postgres: int
+) -> None:
+    env = pg_env(
+        {**pipeline, "TAP_INVOCA_DESTINATIONS_BASE_URL": mirror_server.url},
+        postgres, "mirror_hard", hard_delete="true",
+    )  # fmt: skip
+    first = meltano(env, "run", MIRROR, "target-postgres")
+    assert emitted_count(first) == 500
+    assert pg_rows(postgres, "mirror_hard") == dict.fromkeys(live_keys(mirror_server), False)
+    deleted = set(mirror_server.ids()[::16][:30])
+    mirror_server.delete(deleted)
+    inserted = mirror_server.insert(3)
+    second = meltano(env, "run", MIRROR, "target-postgres")
+    assert emitted_count(second) == 473
+    rows = pg_rows(postgres, "mirror_hard")
+    assert len(rows) == 473
+    assert rows == dict.fromkeys(live_keys(mirror_server), False)
+    assert not {(mirror_server.network_id, i) for i in deleted} & set(rows)
+    assert {(mirror_server.network_id, i) for i in inserted} <= set(rows)
+
+
+def test_mirror_with_soft_delete_flags_exactly_the_deleted_rows(
+    pipeline: dict[str, str], mirror_server: InvocaServer, postgres: int
+) -> None:
+    env = pg_env(
+        {**pipeline, "TAP_INVOCA_DESTINATIONS_BASE_URL": mirror_server.url},
+        postgres, "mirror_soft",
+    )  # fmt: skip
+    meltano(env, "run", MIRROR, "target-postgres")
+    before = live_keys(mirror_server)
+    deleted = set(mirror_server.ids()[::16][:30])
+    mirror_server.delete(deleted)
+    meltano(env, "run", MIRROR, "target-postgres")
+    rows = pg_rows(postgres, "mirror_soft")
+    assert set(rows) == before
+    flagged = {key for key, gone in rows.items() if gone}
+    assert flagged == {(mirror_server.network_id, i) for i in deleted}
+    # Live rows: WHERE _sdc_deleted_at IS NULL is the server's list.
+    assert {key for key, gone in rows.items() if not gone} == live_keys(mirror_server)
+
+
+@pytest.mark.parametrize("hard_delete", ["false", "true"])
+def test_mirror_run_that_fails_midway_deletes_and_flags_nothing(
+    pipeline: dict[str, str],
+    mirror_server: InvocaServer,
+    postgres: int,
+    hard_delete: str,
+) -> None:
+    schema = f"mirror_fail_{'hard' if hard_delete == 'true' else 'soft'}"
+    env = pg_env(
+        {
+            **pipeline,
+            "TAP_INVOCA_DESTINATIONS_BASE_URL": mirror_server.url,
+            "TAP_INVOCA_DESTINATIONS_MAX_CONCURRENCY": "1",  # one page after another
+        },
+        postgres, schema, hard_delete=hard_delete,
+    )  # fmt: skip
+    meltano(env, "run", MIRROR, "target-postgres")
+    loaded = pg_rows(postgres, schema)
+    assert loaded == dict.fromkeys(live_keys(mirror_server), False)
+    mirror_server.delete(mirror_server.ids()[::16][:30])
+    with mirror_server.lock:  # the 4th request of the next run is refused
+        mirror_server.stats.requests = 0
+    mirror_server.faults = Faults(status_every={4: 403})
+    failed = meltano(env, "run", MIRROR, "target-postgres", check=False)
+    assert failed.returncode != 0
+    assert "403" in failed.stderr
+    assert emitted_count(failed) >= 200  # three pages went to the loader first
+    assert pg_rows(postgres, schema) == loaded  # nothing deleted, nothing flagged
+    # The next successful run brings the table back to the server's list.
+    mirror_server.faults = Faults()
+    meltano(env, "run", MIRROR, "target-postgres")
+    rows = pg_rows(postgres, schema)
+    if hard_delete == "true":
+        assert rows == dict.fromkeys(live_keys(mirror_server), False)
+    else:
+        assert {key for key, gone in rows.items() if not gone} == live_keys(mirror_server)
+
+
+# --- the README: several networks, and every Meltano command it shows ----------------------
+
+
+def readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else None]
+
+
+def code_blocks(text: str, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", text, re.DOTALL)
+
+
+def readme_networks() -> list[dict[str, t.Any]]:
+    """The extractors the README's "Several networks" section adds to meltano.yml."""
+    [block] = code_blocks(readme_section("Several networks"), "yaml")
+    return yaml.safe_load(block)
+
+
+def add_readme_networks(project: Path) -> list[dict[str, t.Any]]:
+    path = project / "meltano.yml"
+    loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    networks = readme_networks()
+    loaded["plugins"]["extractors"].extend(networks)
+    path.write_text(yaml.safe_dump(loaded, sort_keys=False), encoding="utf-8")
+    return networks
+
+
+def env_name(plugin: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", plugin).upper()
+
+
+@pytest.fixture
+def network_servers(
+    make_server: t.Callable[..., InvocaServer],
+) -> dict[str, InvocaServer]:
+    """One server per README network, with overlapping ids (every server starts at 1000)."""
+    counts = [500, 300]
+    return {
+        n["name"]: make_server(count, network_id=n["config"]["network_id"])
+        for n, count in zip(readme_networks(), counts, strict=True)
+    }
+
+
+def networks_env(
+    project: Path, servers: dict[str, InvocaServer], postgres: int, schema: str
+) -> dict[str, str]:
+    first = next(iter(servers.values()))
+    env = pg_env(project_env(project, first), postgres, schema)
+    for name, server in servers.items():
+        env[f"{env_name(name)}_BASE_URL"] = server.url
+    return env
+
+
+def test_several_networks_load_into_one_table_and_keep_every_row(
+    project: Path, network_servers: dict[str, InvocaServer], postgres: int
+) -> None:
+    networks = add_readme_networks(project)
+    assert len(networks) == 2
+    env = networks_env(project, network_servers, postgres, "networks")
+    [command] = [
+        line for line in code_blocks(readme_section("Several networks"), "bash")[0].splitlines()
+        if line.startswith("meltano run")
+    ]  # fmt: skip
+    servers = list(network_servers.values())
+    assert set(servers[0].ids()) & set(servers[1].ids())  # the same ids in both networks
+    want = live_keys(servers[0]) | live_keys(servers[1])
+    for _ in range(2):  # and again: upserts, no duplicates
+        meltano(env, *command.split()[1:], cwd=project)
+        rows = pg_rows(postgres, "networks")
+        assert len(rows) == 800
+        assert set(rows) == want
+    # Each network kept its own state.
+    state_ids = meltano(env, "state", "list", cwd=project).stdout.split()
+    assert {f"local:{n['name']}-to-target-postgres" for n in networks} <= set(state_ids)
+
+
+def readme_meltano_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return [
+        line.split("  #")[0].strip()
+        for block in code_blocks(text, "bash")
+        for line in block.splitlines()
+        if line.startswith("meltano ")
+    ]
+
+
+def test_readme_meltano_commands_run(
+    project: Path, network_servers: dict[str, InvocaServer], postgres: int
+) -> None:
+    """Every `meltano ...` line in the README, in order, on Meltano 4.4.1, exits 0."""
+    add_readme_networks(project)
+    env = networks_env(project, network_servers, postgres, "readme")
+    commands = readme_meltano_commands()
+    assert len(commands) >= 8
+    assert "meltano run tap-invoca-destinations target-csv" in commands
+    assert "meltano run tap-invoca-destinations--mirror target-postgres" in commands
+    for command in commands:
+        args = shlex.split(command)[1:]
+        if tuple(args) == INSTALL:
+            continue  # the `installed` fixture ran it, in this repository
+        meltano(env, *args, cwd=project)
+    assert stored_config(project, "tap-invoca-destinations")["stream_maps"]
+    rows = pg_rows(postgres, "readme")
+    assert len(rows) == 800
