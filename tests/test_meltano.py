@@ -600,19 +600,29 @@ def code_blocks(text: str, language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", text, re.DOTALL)
 
 
-def readme_networks() -> list[dict[str, t.Any]]:
-    """The extractors the README's "Several networks" section adds to meltano.yml."""
-    [block] = code_blocks(readme_section("Several networks"), "yaml")
-    return yaml.safe_load(block)
+def readme_plugins() -> list[dict[str, list[dict[str, t.Any]]]]:
+    """The plugins the README's "Several networks" section adds to meltano.yml, block by block."""
+    return [yaml.safe_load(b) for b in code_blocks(readme_section("Several networks"), "yaml")]
 
 
-def add_readme_networks(project: Path) -> list[dict[str, t.Any]]:
+def readme_network_commands() -> list[str]:
+    return [
+        line
+        for block in code_blocks(readme_section("Several networks"), "bash")
+        for line in block.splitlines()
+        if line.startswith("meltano run")
+    ]
+
+
+def add_readme_plugins(project: Path) -> list[dict[str, t.Any]]:
+    """Add the README's network plugins to the project; return its extractors."""
     path = project / "meltano.yml"
     loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    networks = readme_networks()
-    loaded["plugins"]["extractors"].extend(networks)
+    for block in readme_plugins():
+        for kind, plugins in block.items():
+            loaded["plugins"][kind].extend(plugins)
     path.write_text(yaml.safe_dump(loaded, sort_keys=False), encoding="utf-8")
-    return networks
+    return [e for block in readme_plugins() for e in block.get("extractors", [])]
 
 
 def env_name(plugin: str) -> str:
@@ -623,45 +633,87 @@ def env_name(plugin: str) -> str:
 def network_servers(
     make_server: t.Callable[..., InvocaServer],
 ) -> dict[str, InvocaServer]:
-    """One server per README network, with overlapping ids (every server starts at 1000)."""
-    counts = [500, 300]
+    """network_id -> its server; the ids overlap (every server's ids start at 1000)."""
+    networks = sorted(
+        {e["config"]["network_id"] for block in readme_plugins() for e in block["extractors"]}
+    )
+    assert networks == ["1234", "5678"]
     return {
-        n["name"]: make_server(count, network_id=n["config"]["network_id"])
-        for n, count in zip(readme_networks(), counts, strict=True)
+        "1234": make_server(500, network_id="1234"),
+        "5678": make_server(300, network_id="5678"),
     }
 
 
 def networks_env(
     project: Path, servers: dict[str, InvocaServer], postgres: int, schema: str
 ) -> dict[str, str]:
-    first = next(iter(servers.values()))
-    env = pg_env(project_env(project, first), postgres, schema)
-    for name, server in servers.items():
-        env[f"{env_name(name)}_BASE_URL"] = server.url
+    """Each README network extractor pointed at its network's server."""
+    env = pg_env(project_env(project, servers["1234"]), postgres, schema)
+    for block in readme_plugins():
+        for extractor in block["extractors"]:
+            server = servers[extractor["config"]["network_id"]]
+            env[f"{env_name(extractor['name'])}_BASE_URL"] = server.url
     return env
+
+
+def fresh_schemas(port: int, *schemas: str) -> None:
+    for schema in schemas:
+        psql(port, f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 def test_several_networks_load_into_one_table_and_keep_every_row(
     project: Path, network_servers: dict[str, InvocaServer], postgres: int
 ) -> None:
-    networks = add_readme_networks(project)
-    assert len(networks) == 2
+    networks = add_readme_plugins(project)
     env = networks_env(project, network_servers, postgres, "networks")
-    [command] = [
-        line for line in code_blocks(readme_section("Several networks"), "bash")[0].splitlines()
-        if line.startswith("meltano run")
-    ]  # fmt: skip
-    servers = list(network_servers.values())
-    assert set(servers[0].ids()) & set(servers[1].ids())  # the same ids in both networks
-    want = live_keys(servers[0]) | live_keys(servers[1])
+    command = readme_network_commands()[0]
+    assert "--net-1234" in command
+    a, b = network_servers["1234"], network_servers["5678"]
+    assert set(a.ids()) & set(b.ids())  # the same ids in both networks
+    want = live_keys(a) | live_keys(b)
     for _ in range(2):  # and again: upserts, no duplicates
-        meltano(env, *command.split()[1:], cwd=project)
+        meltano(env, *shlex.split(command)[1:], cwd=project)
         rows = pg_rows(postgres, "networks")
         assert len(rows) == 800
-        assert set(rows) == want
+        assert rows == dict.fromkeys(want, False)
     # Each network kept its own state.
     state_ids = meltano(env, "state", "list", cwd=project).stdout.split()
-    assert {f"local:{n['name']}-to-target-postgres" for n in networks} <= set(state_ids)
+    assert {f"local:{n['name']}-to-target-postgres" for n in networks[:2]} <= set(state_ids)
+
+
+def test_mirror_of_several_networks_one_schema_each_keeps_each_list(
+    project: Path, network_servers: dict[str, InvocaServer], postgres: int
+) -> None:
+    add_readme_plugins(project)
+    fresh_schemas(postgres, "invoca_1234", "invoca_5678")
+    env = networks_env(project, network_servers, postgres, "unused")
+    command = readme_network_commands()[1]
+    assert "--mirror-1234" in command
+    a, b = network_servers["1234"], network_servers["5678"]
+    meltano(env, *shlex.split(command)[1:], cwd=project)
+    assert pg_rows(postgres, "invoca_1234") == dict.fromkeys(live_keys(a), False)
+    assert pg_rows(postgres, "invoca_5678") == dict.fromkeys(live_keys(b), False)
+    deleted = {("5678", i) for i in b.ids()[::10][:30]}
+    b.delete(i for _, i in deleted)
+    meltano(env, *shlex.split(command)[1:], cwd=project)
+    assert pg_rows(postgres, "invoca_1234") == dict.fromkeys(live_keys(a), False)
+    rows = pg_rows(postgres, "invoca_5678")
+    assert {key for key, gone in rows.items() if gone} == deleted
+    assert {key for key, gone in rows.items() if not gone} == live_keys(b)
+
+
+def test_mirror_of_two_networks_into_one_table_flags_the_first_networks_rows(
+    project: Path, network_servers: dict[str, InvocaServer], postgres: int
+) -> None:
+    """Why the README says one table per network in mirror mode."""
+    add_readme_plugins(project)
+    env = networks_env(project, network_servers, postgres, "shared_mirror")
+    meltano(
+        env, "run", "tap-invoca-destinations--mirror-1234", "target-postgres",
+        "tap-invoca-destinations--mirror-5678", "target-postgres", cwd=project,
+    )  # fmt: skip
+    rows = pg_rows(postgres, "shared_mirror")
+    assert {key for key, gone in rows.items() if gone} == live_keys(network_servers["1234"])
 
 
 def readme_meltano_commands() -> list[str]:
@@ -678,7 +730,8 @@ def test_readme_meltano_commands_run(
     project: Path, network_servers: dict[str, InvocaServer], postgres: int
 ) -> None:
     """Every `meltano ...` line in the README, in order, on Meltano 4.4.1, exits 0."""
-    add_readme_networks(project)
+    add_readme_plugins(project)
+    fresh_schemas(postgres, "invoca_1234", "invoca_5678")
     env = networks_env(project, network_servers, postgres, "readme")
     commands = readme_meltano_commands()
     assert len(commands) >= 8
