@@ -471,6 +471,23 @@ def test_config_set_stream_maps_stores_an_object_and_the_tap_applies_it(
     assert records == want
 
 
+def test_config_set_api_token_goes_to_dotenv_and_the_tap_uses_it(
+    project: Path, server: InvocaServer
+) -> None:
+    """`meltano config set` keeps the sensitive token out of meltano.yml."""
+    env = project_env(project, server)
+    del env["TAP_INVOCA_DESTINATIONS_API_TOKEN"]
+    token = server.token
+    meltano(env, "config", "set", "tap-invoca-destinations", "api_token", token, cwd=project)
+    assert token not in (project / "meltano.yml").read_text(encoding="utf-8")
+    lines = (project / ".env").read_text(encoding="utf-8").splitlines()
+    dotenv = dict(line.split("=", 1) for line in lines if "=" in line)
+    assert dotenv["TAP_INVOCA_DESTINATIONS_API_TOKEN"].strip("'\"") == token
+    result = meltano(env, "run", "tap-invoca-destinations", "target-csv", cwd=project)
+    assert emitted_count(result) == 250
+    assert token not in result.stderr
+
+
 # --- mirror mode into PostgreSQL ---------------------------------------------------------
 
 
