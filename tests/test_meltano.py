@@ -471,6 +471,37 @@ def test_config_set_stream_maps_stores_an_object_and_the_tap_applies_it(
     assert records == want
 
 
+def test_config_set_stores_each_kind_as_the_tap_expects(
+    project: Path, server: InvocaServer
+) -> None:
+    """One setting of each kind through `meltano config set`, then the config the tap gets."""
+    env = project_env(project, server)
+    values = {
+        "include_inactive": ("false", False),
+        "flattening_enabled": ("false", False),
+        "page_size": ("50", 50),
+        "flattening_max_depth": ("2", 2),
+        "request_timeout": ("2.5", 2.5),
+        "status": ("tracked", "tracked"),
+        "start_date": ("2023-01-05T00:00:00Z", "2023-01-05T00:00:00Z"),
+        "faker_config": ('{"seed": 1}', {"seed": 1}),
+        "stream_map_config": ('{"region": "EU"}', {"region": "EU"}),
+        "batch_config": (
+            '{"encoding": {"format": "jsonl", "compression": "gzip"}}',
+            {"encoding": {"format": "jsonl", "compression": "gzip"}},
+        ),
+        "emit_activate_version_messages": ("true", True),
+    }
+    for name, (text, _) in values.items():
+        result = meltano(env, "config", "set", "tap-invoca-destinations", name, text, cwd=project)
+        assert "Unknown setting" not in result.stderr, name
+    dumped = meltano(env, "invoke", "--dump=config", "tap-invoca-destinations", cwd=project).stdout
+    config = json.loads(dumped)
+    for name, (_, want) in values.items():
+        assert config[name] == want, name
+        assert type(config[name]) is type(want), name
+
+
 def test_config_set_api_token_goes_to_dotenv_and_the_tap_uses_it(
     project: Path, server: InvocaServer
 ) -> None:
