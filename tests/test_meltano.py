@@ -634,6 +634,29 @@ def test_mirror_run_that_fails_midway_deletes_and_flags_nothing(
         assert {key for key, gone in rows.items() if not gone} == live_keys(mirror_server)
 
 
+def test_mirror_into_the_other_loaders(
+    pipeline: dict[str, str], server: InvocaServer, tmp_path: Path
+) -> None:
+    """target-csv rewrites its file; target-duckdb and target-jsonl ignore ACTIVATE_VERSION."""
+    import duckdb  # noqa: PLC0415
+
+    loaders = ("target-csv", "target-duckdb", "target-jsonl")
+    meltano(pipeline, "run", *(p for loader in loaders for p in (MIRROR, loader)))
+    before = server.ids()
+    deleted = before[::25]
+    server.delete(deleted)
+    second = meltano(pipeline, "run", *(p for loader in loaders for p in (MIRROR, loader)))
+    assert "Unknown message type" in second.stderr  # target-jsonl, on ACTIVATE_VERSION
+    assert_csv_matches(tmp_path / "csv" / "destinations.csv", server.expected_records())
+    with duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True) as db:
+        ids = [
+            r[0] for r in db.execute("SELECT id FROM invoca.destinations ORDER BY id").fetchall()
+        ]
+    assert ids == before  # the deleted destinations stay in DuckDB
+    lines = (tmp_path / "destinations.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == len(before) + len(server.ids())  # appended, run after run
+
+
 # --- the README: several networks, and every Meltano command it shows ----------------------
 
 
