@@ -143,7 +143,8 @@ def test_closed_pipe_ends_promptly_in_one_line(
 ) -> None:
     server = make_server(20_000)
     with start_tap(tmp_path, config_for(server), {}) as process:
-        assert process.stdout is not None and process.stderr is not None
+        assert process.stdout is not None
+        assert process.stderr is not None
         process.stdout.readline()
         process.stdout.close()  # the target exits early, like `tap ... | head -1`
         began = time.monotonic()
