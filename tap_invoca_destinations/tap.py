@@ -180,8 +180,9 @@ class TapInvocaDestinations(SeamTap):
             th.NumberType(exclusive_minimum=0),
             default=60,
             title="Request timeout",
-            description="Seconds to wait for a connection or for response bytes before "
-            "the request is retried.",
+            description="Seconds one request may take in all: connecting, the headers and "
+            "the whole body (a server that trickles bytes is cut off too). A request that "
+            "runs out of time is retried like a dropped connection.",
         ),
         th.Property(
             "max_tries",

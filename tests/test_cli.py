@@ -130,6 +130,9 @@ BAD_CONFIGS: list[tuple[dict[str, t.Any], list[str]]] = [
     ({"api_token": "x", "network_id": "1", "status": "active"}, ["status"]),
     ({"api_token": "x", "network_id": "1", "page_size": 0}, ["page_size"]),
     ({"api_token": "x", "network_id": "1", "start_date": "last tuesday"}, ["start_date"]),
+    ({"api_token": "x", "network_id": "1", "start_date": "2023/10/19"}, ["start_date"]),
+    ({"api_token": "x", "network_id": "1", "start_date": "2023-10-19T25:00:00Z"}, ["start_date"]),
+    ({"api_token": "x", "network_id": "1", "emit_activate_version_messages": "false"}, ["emit"]),
 ]
 
 

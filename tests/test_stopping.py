@@ -1,0 +1,176 @@
+"""Stopping: signals and a closed pipe end the sync fast, non-zero, with whole lines only."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import typing as t
+from pathlib import Path
+
+import pytest
+from helpers import clean_env, config_for
+from invoca_server import Faults, InvocaServer
+
+if t.TYPE_CHECKING:
+    from collections.abc import Callable
+
+TAP = str(Path(sys.executable).parent / "tap-invoca-destinations")
+
+
+def start_tap(
+    tmp_path: Path, config: dict[str, t.Any], env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(config))
+    return subprocess.Popen(
+        [TAP, "--config", str(config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**clean_env(), **env},
+        cwd=tmp_path,
+    )
+
+
+def read_slowly_then_signal(
+    process: subprocess.Popen[bytes], signum: int, after_bytes: int
+) -> tuple[bytes, float]:
+    """Read stdout like a slow target; send the signal once `after_bytes` were read.
+
+    Returns what stdout held in the end and the seconds from the signal to the exit.
+    """
+    assert process.stdout is not None
+    out = bytearray()
+    while len(out) < after_bytes:
+        chunk = process.stdout.read1(4096)  # type: ignore[attr-defined]
+        if not chunk:
+            break
+        out += chunk
+        time.sleep(0.002)  # a target slower than the tap keeps the pipe full
+    signalled = time.monotonic()
+    process.send_signal(signum)
+    out += process.stdout.read()
+    process.wait(timeout=30)
+    return bytes(out), time.monotonic() - signalled
+
+
+def check_whole_lines_once(out: bytes, server: InvocaServer) -> list[dict[str, t.Any]]:
+    assert out.endswith(b"\n"), "stdout ends in half a line"
+    messages = [json.loads(line) for line in out.splitlines()]  # every line parses
+    ids = [m["record"]["id"] for m in messages if m["type"] == "RECORD"]
+    assert len(ids) == len(set(ids)), "a record was written twice"
+    assert ids == server.ids()[: len(ids)], "records are not the list's first ones, in order"
+    last_record = max(i for i, m in enumerate(messages) if m["type"] == "RECORD")
+    assert all(m["type"] != "STATE" for m in messages[last_record:]), "a STATE after the stop"
+    return messages
+
+
+@pytest.mark.parametrize(
+    ("signum", "code", "unbuffered"),
+    [
+        (signal.SIGTERM, 143, False),
+        (signal.SIGINT, 130, False),
+        (signal.SIGTERM, 143, True),
+        (signal.SIGINT, 130, True),
+    ],
+)
+def test_signal_mid_sync_with_a_slow_target(
+    tmp_path: Path,
+    make_server: Callable[..., InvocaServer],
+    signum: int,
+    code: int,
+    unbuffered: bool,
+) -> None:
+    server = make_server(20_000, faults=Faults(latency_ms=5))
+    env = {"PYTHONUNBUFFERED": "1"} if unbuffered else {"PYTHONUNBUFFERED": ""}
+    with start_tap(tmp_path, config_for(server), env) as process:
+        out, took = read_slowly_then_signal(process, signum, after_bytes=600_000)
+        assert process.stderr is not None
+        stderr = process.stderr.read().decode()
+    assert process.returncode == code, stderr
+    assert took < 5, f"took {took:.1f} s to stop"
+    messages = check_whole_lines_once(out, server)
+    emitted = sum(m["type"] == "RECORD" for m in messages)
+    assert 0 < emitted < 20_000
+    assert signal.Signals(signum).name in stderr
+    assert "Traceback" not in stderr
+
+
+def test_signal_with_slow_requests_in_flight_stops_within_seconds(
+    tmp_path: Path, make_server: Callable[..., InvocaServer]
+) -> None:
+    # Every request after the first takes 15 s: the sync is waiting on them.
+    server = make_server(2_000, faults=Faults(slow_every=1, slow_seconds=15))
+    server.faults.slow_every = 0
+    with start_tap(tmp_path, config_for(server, page_size=100), {}) as process:
+        assert process.stdout is not None
+        first = process.stdout.readline()  # SCHEMA: the tap is up
+        assert json.loads(first)["type"] == "SCHEMA"
+        server.faults.slow_every = 1
+        deadline = time.monotonic() + 20
+        while server.stats.in_flight == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.stats.in_flight > 0
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        out = first + process.stdout.read()
+        process.wait(timeout=30)
+        took = time.monotonic() - signalled
+    assert process.returncode == 143
+    assert took < 3, f"took {took:.1f} s to stop with requests in flight"
+    assert out.endswith(b"\n")
+    assert all(json.loads(line)["type"] != "STATE" for line in out.splitlines())
+
+
+def test_a_fatal_error_does_not_wait_for_slow_prefetches(
+    tmp_path: Path, make_server: Callable[..., InvocaServer]
+) -> None:
+    # The second request fails (403) while the prefetches after it take 15 s each.
+    server = make_server(2_000, faults=Faults(status_every={2: 403}, slow_every=3, slow_seconds=15))
+    began = time.monotonic()
+    with start_tap(tmp_path, config_for(server, page_size=50), {}) as process:
+        _, stderr = process.communicate(timeout=60)
+    took = time.monotonic() - began
+    assert process.returncode == 1
+    assert took < 8, f"took {took:.1f} s to exit after a fatal error"
+    assert "HTTP 403" in stderr.decode()
+
+
+def test_closed_pipe_ends_promptly_in_one_line(
+    tmp_path: Path, make_server: Callable[..., InvocaServer]
+) -> None:
+    server = make_server(20_000)
+    with start_tap(tmp_path, config_for(server), {}) as process:
+        assert process.stdout is not None
+        assert process.stderr is not None
+        process.stdout.readline()
+        process.stdout.close()  # the target exits early, like `tap ... | head -1`
+        began = time.monotonic()
+        process.wait(timeout=30)
+        stderr = process.stderr.read().decode()
+    assert process.returncode == 1
+    assert time.monotonic() - began < 5
+    assert "Traceback" not in stderr
+    assert "Exception ignored" not in stderr
+    stopped = [line for line in stderr.splitlines() if "stdout was closed" in line]
+    assert len(stopped) == 1, stderr
+
+
+def test_head_in_a_shell_pipeline(tmp_path: Path, make_server: Callable[..., InvocaServer]) -> None:
+    server = make_server(5_000)
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(config_for(server)))
+    result = subprocess.run(
+        ["bash", "-c", f'set -o pipefail; "{TAP}" --config "{config_path}" | head -n 3'],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=60,
+        check=False,
+    )
+    assert len(result.stdout.splitlines()) == 3
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "BrokenPipeError" not in result.stderr
