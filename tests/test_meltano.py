@@ -737,6 +737,8 @@ def test_several_networks_load_into_one_table_and_keep_every_row(
 ) -> None:
     networks = add_readme_plugins(project)
     env = networks_env(project, network_servers, postgres, "networks")
+    # The shared variable does not override a network's own network_id (README).
+    env["TAP_INVOCA_DESTINATIONS_NETWORK_ID"] = "9999"
     command = readme_network_commands()[0]
     assert "--net-1234" in command
     a, b = network_servers["1234"], network_servers["5678"]
