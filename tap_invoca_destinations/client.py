@@ -78,11 +78,12 @@ class InvocaError(FatalAPIError):
 class RetriableReply(Exception):  # noqa: N818 - a signal to the retry loop, caught there
     """A response worth another try (429, 5xx)."""
 
-    def __init__(self, message: str, retry_after: float | None, *, throttled: bool) -> None:
-        """Keep what the retry loop needs."""
-        super().__init__(message)
-        self.retry_after = retry_after
-        self.throttled = throttled
+    def __init__(self, reply: Reply) -> None:
+        """Keep what the retry loop needs from the reply."""
+        super().__init__(error_message(reply))
+        self.reason = f"HTTP {reply.status}"
+        self.retry_after = retry_after_seconds(reply.headers.get("Retry-After"))
+        self.throttled = reply.status == HTTPStatus.TOO_MANY_REQUESTS
 
 
 @dataclass
@@ -231,11 +232,7 @@ def check_status(reply: Reply) -> None:
         )
         raise InvocaError(msg)
     if reply.status in RETRIABLE_STATUSES:
-        raise RetriableReply(
-            error_message(reply),
-            retry_after_seconds(reply.headers.get("Retry-After")),
-            throttled=reply.status == HTTPStatus.TOO_MANY_REQUESTS,
-        )
+        raise RetriableReply(reply)
     if reply.status >= HTTPStatus.MULTIPLE_CHOICES:
         raise InvocaError(error_message(reply))
 
@@ -469,7 +466,7 @@ class InvocaStream(RESTStream[int]):
                 check_status(reply)
                 return decode_page(reply)
             except RetriableReply as exc:
-                reason, retry_after, failure = str(exc).split(" for ")[0], exc.retry_after, str(exc)
+                reason, retry_after, failure = exc.reason, exc.retry_after, str(exc)
                 if exc.throttled:
                     self._lower_concurrency()
             except requests.exceptions.SSLError as exc:
@@ -526,6 +523,10 @@ class InvocaStream(RESTStream[int]):
             InvocaError: If paging cannot be done safely (see ``paging.Pager``).
         """
         pager = Pager(page_size=int(self.config.get("page_size", 100)))
+        with self._lock:
+            self.server_date_at_start = None
+            self._got_reply = False
+            self.request_count = self.retry_count = 0
         window: PrefetchWindow[Page] = PrefetchWindow(self.fetch_page, self.max_concurrency)
         self._window = window
         began = last_progress = time.monotonic()
