@@ -326,9 +326,14 @@ class InvocaStream(RESTStream[int]):
 
     @cached_property
     def http_session(self) -> requests.Session:
-        """The session of every request: one pooled connection per concurrent page."""
+        """The session of every request: a pooled connection per concurrent page.
+
+        Connections are opened on demand, so a sync opens at most
+        ``max_concurrency`` of them; the pool keeps twice that many so requests
+        that were dropped (then finish) never make urllib3 discard connections.
+        """
         session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=self.max_concurrency)
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=2 * self.max_concurrency)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         # Plain http is allowed only to loopback hosts: never through a proxy.
@@ -469,24 +474,11 @@ class InvocaStream(RESTStream[int]):
                 reason, retry_after, failure = exc.reason, exc.retry_after, str(exc)
                 if exc.throttled:
                     self._lower_concurrency()
-            except requests.exceptions.SSLError as exc:
-                host = urlparse(self.url_base).netloc
-                msg = f"TLS error talking to {host}: {transport_reason(exc)}"
-                raise InvocaError(msg) from None
-            except requests.exceptions.InvalidHeader:
-                # Its message quotes the header value, which may be the token.
-                msg = (
-                    "a request header has an invalid value (control characters or surrounding "
-                    "whitespace?): check api_token and user_agent"
-                )
-                raise InvocaError(msg) from None
-            except RETRIABLE_TRANSPORT as exc:
-                reason, retry_after = type(exc).__name__, None
-                failure = f"{reason} for GET {self.path}: {transport_reason(exc)}"
-            except (requests.RequestException, OSError) as exc:
-                # E.g. a CA bundle that cannot be read: retrying will not help.
-                msg = f"cannot send GET {self.path}: {transport_reason(exc)}"
-                raise InvocaError(msg) from None
+            except (requests.RequestException, OSError, urllib3.exceptions.HTTPError) as exc:
+                reason, failure = self.transport_failure(exc)
+                retry_after = None
+            if cancel.is_set():
+                raise Cancelled  # no longer wanted: neither retried nor logged
             wait = policy.wait(attempt, waited, retry_after)
             if wait is None:
                 raise InvocaError(policy.give_up_message(attempt, waited, failure))
@@ -505,6 +497,30 @@ class InvocaStream(RESTStream[int]):
             if cancel.wait(wait):
                 raise Cancelled
             waited += wait
+
+    def transport_failure(self, exc: BaseException) -> tuple[str, str]:
+        """Name a transport failure worth retrying: (reason, message).
+
+        Raises:
+            InvocaError: For failures retrying cannot fix (TLS, headers, CA bundle).
+        """
+        if isinstance(exc, requests.exceptions.SSLError):
+            host = urlparse(self.url_base).netloc
+            msg = f"TLS error talking to {host}: {transport_reason(exc)}"
+            raise InvocaError(msg) from None
+        if isinstance(exc, requests.exceptions.InvalidHeader):
+            # Its message quotes the header value, which may be the token.
+            msg = (
+                "a request header has an invalid value (control characters or surrounding "
+                "whitespace?): check api_token and user_agent"
+            )
+            raise InvocaError(msg) from None
+        if isinstance(exc, RETRIABLE_TRANSPORT):
+            reason = type(exc).__name__
+            return reason, f"{reason} for GET {self.path}: {transport_reason(exc)}"
+        # E.g. a CA bundle that cannot be read: retrying will not help.
+        msg = f"cannot send GET {self.path}: {transport_reason(exc)}"
+        raise InvocaError(msg) from None
 
     def _lower_concurrency(self) -> None:
         window = self._window
@@ -530,6 +546,7 @@ class InvocaStream(RESTStream[int]):
         window: PrefetchWindow[Page] = PrefetchWindow(self.fetch_page, self.max_concurrency)
         self._window = window
         began = last_progress = time.monotonic()
+        outcome = "stopped"
         with self.get_http_request_counter() as counter:
             self._request_counter = counter
             try:
@@ -551,10 +568,14 @@ class InvocaStream(RESTStream[int]):
                     if time.monotonic() - last_progress >= PROGRESS_INTERVAL_SECONDS:
                         last_progress = time.monotonic()
                         self._log_progress(pager, "in progress", last_progress - began)
+                if not pager.done:  # pragma: no cover - a safety net: never a short success
+                    msg = "paging stopped before the end of the list was proven"
+                    raise InvocaError(msg)
+                outcome = "done"
             finally:
                 window.discard()
                 self._window = self._request_counter = None
-        self._log_progress(pager, "done", time.monotonic() - began)
+                self._log_progress(pager, outcome, time.monotonic() - began)
 
     def _log_progress(self, pager: Pager, what: str, seconds: float) -> None:
         total = f" of about {pager.total}" if pager.total is not None else ""
