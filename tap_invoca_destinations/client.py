@@ -173,7 +173,9 @@ def transport_reason(exc: BaseException) -> str:
     return " ".join(str(reason).split()) or type(reason).__name__
 
 
-def read_body(response: requests.Response, deadline: float, abandoned: threading.Event) -> bytes:
+def read_body(
+    response: requests.Response, deadline: float, abandoned: threading.Event, timeout: float
+) -> bytes:
     """Read a streamed body, giving up at the deadline even if bytes keep trickling in.
 
     Raises:
@@ -183,7 +185,7 @@ def read_body(response: requests.Response, deadline: float, abandoned: threading
     while chunk := response.raw.read1(READ_CHUNK, decode_content=True):
         chunks.append(chunk)
         if abandoned.is_set() or time.monotonic() > deadline:
-            msg = "the body did not arrive within request_timeout"
+            msg = f"no complete response within request_timeout={timeout:g} s"
             raise requests.exceptions.ReadTimeout(msg)
     return b"".join(chunks)
 
@@ -393,7 +395,7 @@ class InvocaStream(RESTStream[int]):
             return box.result(timeout=timeout)
         except FutureTimeout:
             abandoned.set()
-            msg = f"ReadTimeout: no complete response within request_timeout={timeout:g} s"
+            msg = f"no complete response within request_timeout={timeout:g} s"
             raise requests.exceptions.ReadTimeout(msg) from None
 
     def _receive(
@@ -410,7 +412,7 @@ class InvocaStream(RESTStream[int]):
             stream=True,
         )
         try:
-            body = read_body(response, deadline, abandoned)
+            body = read_body(response, deadline, abandoned, self.timeout)
         except BaseException:
             response.close()  # the connection is unusable: not back to the pool
             raise

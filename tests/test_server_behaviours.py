@@ -335,3 +335,51 @@ def test_server_date_at_start_is_the_first_response_date(make_server: Factory) -
     assert got.tzinfo is not None
     assert got.utcoffset() == dt.timedelta(0)
     assert abs((before - dt.timedelta(hours=1) - got).total_seconds()) < 3
+
+
+def test_trickled_headers_are_bounded_by_request_timeout() -> None:
+    # A raw server that sends its status line, then a header byte every 50 ms, forever.
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+    accepted: list[socket.socket] = []
+
+    def trickle(conn: socket.socket) -> None:
+        try:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            while not stop.wait(0.05):
+                conn.sendall(b"a")
+        except OSError:
+            pass
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+            threading.Thread(target=trickle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    config = {
+        "api_token": "tok",
+        "network_id": "1",
+        "base_url": f"http://127.0.0.1:{port}",
+        "request_timeout": 0.5,
+        "max_tries": 2,
+        "retry_initial_wait": 0.01,
+    }
+    stream = t.cast("InvocaStream", TapInvocaDestinations(config=config).streams["destinations"])
+    began = time.monotonic()
+    try:
+        with pytest.raises(InvocaError, match=r"gave up after 2 attempt\(s\).*request_timeout=0.5"):
+            list(stream.iter_pages())
+        assert time.monotonic() - began < 3
+        assert len(accepted) == 2
+    finally:
+        stop.set()
+        listener.close()
+        for conn in accepted:
+            conn.close()
