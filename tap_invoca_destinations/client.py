@@ -428,6 +428,8 @@ class InvocaStream(RESTStream[int]):
         return reply
 
     def _note_reply(self, reply: Reply) -> None:
+        if self._window is None:
+            return  # a request left running after paging ended: the process may be exiting
         with self._lock:
             self.request_count += 1
             if not self._got_reply:

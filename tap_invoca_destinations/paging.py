@@ -105,19 +105,19 @@ class Pager:
     """
 
     page_size: int
-    last_id: int | None = None
-    first_id: int | None = None  # the list's first id, as last seen at start=0
-    longest: int = 0  # most records one page has held
-    stride: int = 0  # records a page is expected to hold (for predicting offsets)
-    total: int | None = None
-    requests: int = 0
-    emitted: int = 0
-    done: bool = False
-    in_flight: collections.deque[Request] = field(default_factory=collections.deque)
-    _next: Request | None = None
-    _probe: str | None = None  # "beyond" (start=1) or "confirm" (start=0) for a 1-record list
-    _idle: int = 0
-    _step_backs: int = 0
+    last_id: int | None = field(default=None, init=False)  # the last id emitted
+    first_id: int | None = field(default=None, init=False)  # the list's first, seen at start=0
+    longest: int = field(default=0, init=False)  # most records one page has held
+    stride: int = field(default=0, init=False)  # records a page is expected to hold
+    total: int | None = field(default=None, init=False)  # the latest usable recordsTotal
+    requests: int = field(default=0, init=False)
+    emitted: int = field(default=0, init=False)
+    done: bool = field(default=False, init=False)
+    in_flight: collections.deque[Request] = field(default_factory=collections.deque, init=False)
+    _next: Request | None = field(default=None, init=False)  # the page needed next
+    _probe: str | None = field(default=None, init=False)  # "beyond"/"confirm": 1-record list
+    _idle: int = field(default=0, init=False)
+    _step_backs: int = field(default=0, init=False)
 
     @property
     def limit(self) -> int:
