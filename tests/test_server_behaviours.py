@@ -383,3 +383,12 @@ def test_trickled_headers_are_bounded_by_request_timeout() -> None:
         listener.close()
         for conn in accepted:
             conn.close()
+
+
+def test_a_token_with_a_newline_never_shows_up(tmp_path: Path, make_server: Factory) -> None:
+    # Refused either by the settings check or as an invalid header: never quoted.
+    server = make_server(10, token="TOKEN-7d1e\n")  # noqa: S106
+    run = run_cli(tmp_path, config_for(server), env={"LOGLEVEL": "DEBUG"})
+    assert run.returncode != 0
+    assert "TOKEN-7d1e" not in run.stderr + run.stdout
+    assert server.stats.requests == 0
