@@ -142,8 +142,10 @@ class Pager:
             and len(self.in_flight) + len(new) < window
         ):
             start = tail.start + self.stride - 1
-            if self.total is not None and start + 1 >= self.total:
-                break  # past the hinted end: only the needed page goes there
+            if self.total is not None and start >= self.total:
+                # Past the hinted end: only the needed page goes there. A page
+                # starting at the hinted last record is the proof of the end.
+                break
             tail = Request(start, self.limit)
             new.append(tail)
         self.in_flight.extend(new)
