@@ -160,13 +160,15 @@ def test_a_body_trickling_forever_is_given_up_within_the_budget(
 def test_a_fatal_error_does_not_wait_for_slow_requests_in_flight(
     tmp_path: Path, make_server: Factory
 ) -> None:
-    # Page 1 is refused at once; pages prefetched with it take 30 s each.
-    faults = Faults(bad_ids="duplicate", bad_ids_page=1, slow_every=2, slow_seconds=30)
+    # Request 2 (the second page) is refused at once; request 3, prefetched
+    # with it, takes 30 s. The run must end now, not when request 3 does.
+    faults = Faults(bad_ids="duplicate", bad_ids_page=2, slow_every=3, slow_seconds=30)
     server = make_server(1000, faults=faults)
     began = time.monotonic()
     run = run_cli(tmp_path, config_for(server, page_size=10, max_concurrency=4))
     assert time.monotonic() - began < 10
     assert_clean_failure(run, "twice")
+    assert server.stats.in_flight >= 1  # the slow request really was still running
 
 
 def test_an_interrupt_while_waiting_for_a_page_returns_at_once(make_server: Factory) -> None:
