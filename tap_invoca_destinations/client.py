@@ -1,17 +1,21 @@
-"""REST client handling: the InvocaStream base class, retries, and id-anchored paging."""
+"""REST client handling: the InvocaStream base class, its HTTP requests and paging loop.
+
+The decisions live in ``paging.py`` (what to request, when the list has ended,
+how long to wait before a retry); this module does the HTTP around them.
+"""
 
 from __future__ import annotations
 
-import collections
+import datetime as dt
 import email.utils
-import itertools
+import ipaddress
 import json
-import random
 import sys
 import threading
 import time
 import typing as t
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from functools import cached_property
 from http import HTTPStatus
@@ -19,14 +23,23 @@ from urllib.parse import urlparse
 
 import msgspec
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
-from singer_sdk.exceptions import FatalAPIError, RetriableAPIError
+from singer_sdk import metrics
+from singer_sdk.exceptions import FatalAPIError
 
+from tap_invoca_destinations.paging import (
+    Cancelled,
+    Pager,
+    PagingError,
+    PrefetchWindow,
+    Request,
+    RetryPolicy,
+)
 from tap_invoca_destinations.sdk_seam import SeamStream
 
 if t.TYPE_CHECKING:
-    import datetime as dt
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Mapping
 
     from singer_sdk.helpers.types import Context
 
@@ -36,17 +49,17 @@ else:  # pragma: no cover
     from typing_extensions import override
 
 RETRIABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
-RETRIABLE_EXCEPTIONS = (
+RETRIABLE_TRANSPORT = (
     requests.exceptions.Timeout,
     requests.exceptions.ConnectionError,
     requests.exceptions.ChunkedEncodingError,
     requests.exceptions.ContentDecodingError,
+    urllib3.exceptions.HTTPError,  # raised by body reads (ReadTimeoutError, ProtocolError)
     ConnectionResetError,
 )
-MAX_SINGLE_WAIT_SECONDS = 120.0  # cap on one wait, whatever Retry-After asks for
-MAX_IDLE_PAGES = 2  # consecutive pages that bring nothing new before paging gives up
-MAX_STEP_BACKS = 1000  # re-reads after the list shrank under us, per sync
 BODY_QUOTE_CHARS = 300
+READ_CHUNK = 256 * 1024
+PROGRESS_INTERVAL_SECONDS = 30.0  # wall time between progress lines of a long sync
 DEFAULT_BASE_URL = "https://invoca.net"
 DEFAULT_API_VERSION = "2022-08-01"
 
@@ -62,14 +75,45 @@ class InvocaError(FatalAPIError):
     """A failure the tap reports on one line and exits non-zero for."""
 
 
+class RetriableReply(Exception):  # noqa: N818 - a signal to the retry loop, caught there
+    """A response worth another try (429, 5xx)."""
+
+    def __init__(self, reply: Reply) -> None:
+        """Keep what the retry loop needs from the reply."""
+        super().__init__(error_message(reply))
+        self.reason = f"HTTP {reply.status}"
+        self.retry_after = retry_after_seconds(reply.headers.get("Retry-After"))
+        self.throttled = reply.status == HTTPStatus.TOO_MANY_REQUESTS
+
+
+@dataclass
+class Reply:
+    """One HTTP response, read completely within the request deadline."""
+
+    status: int
+    reason: str
+    path: str  # the URL path only: never the query string
+    headers: Mapping[str, str]
+    body: bytes
+    seconds: float
+
+    @property
+    def where(self) -> str:
+        """``HTTP 200 for GET /api/...``, the start of every message about this reply."""
+        return f"HTTP {self.status} for GET {self.path}"
+
+    def quote(self) -> str:
+        """The start of the body, decoded leniently, for an error message."""
+        return repr(quote_body(self.body[: BODY_QUOTE_CHARS * 4].decode("utf-8", "replace")))
+
+
 @dataclass
 class Page:
-    """One response of the list endpoint."""
+    """One decoded list response."""
 
-    limit: int
     records: list[dict[str, t.Any]]
     ids: list[int]
-    total: int
+    total: object  # recordsTotal as sent: only a hint
 
 
 def quote_body(text: str) -> str:
@@ -94,31 +138,166 @@ def retry_after_seconds(header: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def server_date(reply: Reply) -> dt.datetime | None:
+    """The reply's ``Date`` header as an aware UTC datetime, or None."""
+    try:
+        when = email.utils.parsedate_to_datetime(reply.headers.get("Date", ""))
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return when.astimezone(dt.timezone.utc)
+
+
+def is_loopback(url: str) -> bool:
+    """True for a URL whose host is a loopback address or ``localhost``."""
+    host = urlparse(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def transport_reason(exc: BaseException) -> str:
+    """The innermost reason of a requests/urllib3 transport error, on one line."""
+    reason: object = exc
+    while True:
+        inner = getattr(reason, "reason", None)
+        if inner is None and isinstance(reason, requests.RequestException) and reason.args:
+            inner = reason.args[0] if isinstance(reason.args[0], BaseException) else None
+        if not isinstance(inner, BaseException) or inner is reason:
+            break
+        reason = inner
+    return " ".join(str(reason).split()) or type(reason).__name__
+
+
+def read_body(
+    response: requests.Response, deadline: float, abandoned: threading.Event, timeout: float
+) -> bytes:
+    """Read a streamed body, giving up at the deadline even if bytes keep trickling in.
+
+    Raises:
+        requests.exceptions.ReadTimeout: If the body is not complete by the deadline.
+    """
+    chunks = []
+    while chunk := response.raw.read1(READ_CHUNK, decode_content=True):
+        chunks.append(chunk)
+        if abandoned.is_set() or time.monotonic() > deadline:
+            msg = f"no complete response within request_timeout={timeout:g} s"
+            raise requests.exceptions.ReadTimeout(msg)
+    return b"".join(chunks)
+
+
+def invoca_error_text(reply: Reply) -> str:
+    """Return Invoca's error text from an error body, or the start of the body."""
+    try:
+        body = json.loads(reply.body)
+    except (ValueError, RecursionError):
+        return quote_body(reply.body.decode("utf-8", "replace")) if reply.body else ""
+    errors = body.get("errors") if isinstance(body, dict) else None
+    if isinstance(errors, dict):
+        parts = []
+        for key, value in errors.items():
+            text = "; ".join(map(str, value)) if isinstance(value, list) else str(value)
+            parts.append(f"{key}: {text}")
+        return quote_body(", ".join(parts))
+    return quote_body(json.dumps(body))
+
+
+def error_message(reply: Reply) -> str:
+    """One line for an error status: status, path, Invoca's text and a hint."""
+    text = f"HTTP {reply.status} {reply.reason}".rstrip() + f" for GET {reply.path}"
+    detail = invoca_error_text(reply)
+    if detail:
+        text += f": {detail}"
+    if hint := HINTS.get(reply.status):
+        text += f" ({hint})"
+    return text
+
+
+def check_status(reply: Reply) -> None:
+    """Pass a 2xx reply; raise for the others.
+
+    Raises:
+        InvocaError: On a redirect or a status that retrying cannot fix.
+        RetriableReply: On 429, 500, 502, 503 and 504.
+    """
+    if reply.status in {301, 302, 303, 307, 308}:
+        # Not followed: requests drops the Authorization header on a cross-host
+        # redirect, which would surface as a confusing 401.
+        target = urlparse(reply.headers.get("Location", ""))
+        msg = (
+            f"{reply.where}: Invoca redirects to {target.scheme}://{target.netloc}{target.path}"
+            " (set base_url to that host)"
+        )
+        raise InvocaError(msg)
+    if reply.status in RETRIABLE_STATUSES:
+        raise RetriableReply(reply)
+    if reply.status >= HTTPStatus.MULTIPLE_CHOICES:
+        raise InvocaError(error_message(reply))
+
+
+def decode_page(reply: Reply) -> Page:
+    """Decode a list response once, checking the envelope.
+
+    Raises:
+        InvocaError: If the body is not UTF-8 JSON, lacks a ``data`` list, or has
+            records that are not objects with integer ids.
+    """
+    try:
+        body = msgspec.json.decode(reply.body)
+    except UnicodeDecodeError:
+        problem = "the body is not UTF-8"
+    except RecursionError:
+        problem = "the body's JSON is nested too deeply"
+    except msgspec.DecodeError:
+        problem = "the body is not JSON"
+    else:
+        problem = ""
+    if problem:
+        msg = f"{reply.where}: {problem}: {reply.quote()}"
+        raise InvocaError(msg)
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, list):
+        msg = f"{reply.where}: the body has no 'data' list: {reply.quote()}"
+        raise InvocaError(msg)
+    ids = []
+    for record in data:
+        if not isinstance(record, dict):
+            msg = f"{reply.where}: a record in 'data' is not an object: {reply.quote()}"
+            raise InvocaError(msg)
+        raw_id = record.get("id")
+        try:
+            ids.append(raw_id if type(raw_id) is int else int(str(raw_id).strip()))
+        except ValueError:
+            msg = f"{reply.where}: a destination has no integer id ({raw_id!r})"
+            raise InvocaError(msg) from None
+    return Page(records=data, ids=ids, total=body.get("recordsTotal"))
+
+
 class InvocaStream(SeamStream):
     """Base stream for Invoca's network API: auth, retries, and safe, ordered paging.
 
-    Paging is id-anchored offset paging. Invoca offers only ``start``/``limit``
-    offsets, which lose a record whenever one before the offset is deleted
-    mid-sync and repeat one when one is inserted. So the tap sorts by ``id``
-    and asks each page to start at the *last record already emitted*. A page
-    whose first id is at or below that record's id ("anchored") proves nothing
-    between the two pages was skipped; its ids at or below are dropped as seen.
-    A page that is not anchored means the list shrank before the offset: the
-    tap steps back a page and reads again. Paging ends at the first anchored
-    page that reaches ``recordsTotal``; a page that repeats what was seen (a
-    server ignoring ``start``) or ids out of order end in a clear error. Up to
-    ``max_concurrency`` pages are requested ahead; they are still checked and
-    emitted strictly in order, so prefetching never changes the result.
+    Paging is id-anchored offset paging, decided by ``paging.Pager``: pages are
+    sorted by id, each request re-reads the last emitted record, and the end of
+    the list is proven by the pages themselves, never by ``recordsTotal`` alone.
+    Up to ``max_concurrency`` pages are requested ahead on daemon threads; they
+    are still checked and emitted strictly in order.
     """
 
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
-        """Initialise the stream and its concurrency window (lowered on 429)."""
+        """Initialise the stream; paging state is created per sync by iter_pages."""
         super().__init__(*args, **kwargs)
-        self._max_concurrency = max(int(self.config.get("max_concurrency", 4)), 1)
-        self._window = self._max_concurrency
-        self._window_lock = threading.Lock()
-        self._paging_over = threading.Event()  # tells prefetches still retrying to give up
-        self.server_date_at_start: dt.datetime | None = None  # Invoca's clock at the first response
+        self.max_concurrency = max(int(self.config.get("max_concurrency", 4)), 1)
+        self.server_date_at_start: dt.datetime | None = None
+        self.request_count = 0
+        self.retry_count = 0
+        self._lock = threading.Lock()
+        self._got_reply = False
+        self._window: PrefetchWindow[Page] | None = None
+        self._request_counter: metrics.Counter | None = None
 
     @property
     @override
@@ -145,288 +324,274 @@ class InvocaStream(SeamStream):
         # Config numbers may arrive as Decimal (the SDK's JSON reader); sockets want float.
         return float(self.config.get("request_timeout", 60))
 
+    @cached_property
+    def http_session(self) -> requests.Session:
+        """The session of every request: a pooled connection per concurrent page.
+
+        Connections are opened on demand, so a sync opens at most
+        ``max_concurrency`` of them; the pool keeps twice that many so requests
+        that were dropped (then finish) never make urllib3 discard connections.
+        """
+        session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=2 * self.max_concurrency)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        # Plain http is allowed only to loopback hosts: never through a proxy.
+        session.trust_env = not (
+            urlparse(self.url_base).scheme == "http" and is_loopback(self.url_base)
+        )
+        return session
+
     @property
     @override
     def requests_session(self) -> requests.Session:
-        # A pool per concurrent page request, so prefetching reuses connections.
-        if not self._requests_session:
-            session = requests.Session()
-            size = self._max_concurrency
-            session.mount("http://", HTTPAdapter(pool_connections=1, pool_maxsize=size))
-            session.mount("https://", HTTPAdapter(pool_connections=1, pool_maxsize=size))
-            self._requests_session = session
-        return self._requests_session
+        return self.http_session
+
+    @cached_property
+    def retry_policy(self) -> RetryPolicy:
+        """The retry rules from the settings."""
+        return RetryPolicy(
+            max_tries=int(self.config.get("max_tries", 6)),
+            budget_seconds=float(self.config.get("max_retry_seconds", 300)),
+            initial_wait=float(self.config.get("retry_initial_wait", 1.0)),
+        )
 
     @override
     def get_new_paginator(self) -> None:
-        # Paging is done by iter_pages (id-anchored, see class docstring); the
-        # SDK's offset paginator skips records on short pages and loops forever
-        # on a server that ignores `start`.
+        # Paging is done by iter_pages; the SDK's offset paginator skips records
+        # on short pages and loops forever on a server that ignores `start`.
         return None
 
     def filter_params(self) -> dict[str, t.Any]:
         """Return the query parameters every list request carries, besides paging."""
         return {}
 
-    # --- responses -----------------------------------------------------------
+    # --- one request ---------------------------------------------------------
 
-    @override
-    def response_error_message(self, response: requests.Response) -> str:
-        # The SDK's message carries the whole body and header names; ours is one
-        # line with Invoca's own error text and a hint.
-        status = response.status_code
-        detail = invoca_error_text(response)
-        hint = HINTS.get(status)
-        text = f"HTTP {status} {response.reason or ''}".rstrip()
-        text += f" for GET {urlparse(response.url).path}"
-        if detail:
-            text += f": {detail}"
-        if hint:
-            text += f" ({hint})"
-        return text
+    def send(self, params: dict[str, t.Any]) -> Reply:
+        """GET the list once; the whole response (connect, headers, body) within the timeout.
 
-    @override
-    def validate_response(self, response: requests.Response) -> None:
-        if response.is_redirect:
-            # Not followed: requests drops the Authorization header on a cross-host
-            # redirect, which would surface as a confusing 401.
-            target = urlparse(response.headers.get("Location", ""))
-            msg = (
-                f"HTTP {response.status_code} for GET {urlparse(response.url).path}: Invoca "
-                f"redirects to {target.scheme}://{target.netloc}{target.path} "
-                "(set base_url to that host)"
-            )
-            raise InvocaError(msg)
-        if response.status_code in RETRIABLE_STATUSES:
-            raise RetriableAPIError(self.response_error_message(response), response)
-        if response.status_code >= HTTPStatus.BAD_REQUEST:
-            raise InvocaError(self.response_error_message(response))
-
-    def decode_page(self, response: requests.Response, start: int, limit: int) -> Page:
-        """Decode a list response once, checking the envelope.
+        The request runs on a daemon thread so that a server trickling its
+        headers or body cannot hold the caller past the deadline.
 
         Raises:
-            InvocaError: If the body is not JSON, lacks ``data``, or has records
-                without integer ids.
+            requests.exceptions.Timeout: If the response is not complete in time.
         """
-        where = f"HTTP {response.status_code} for GET {urlparse(response.url).path}"
+        timeout = self.timeout
+        deadline = time.monotonic() + timeout
+        box: Future[Reply] = Future()
+        abandoned = threading.Event()
+
+        def run() -> None:
+            try:
+                box.set_result(self._receive(params, deadline, abandoned))
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+                box.set_exception(exc)
+
+        threading.Thread(target=run, name="invoca-request", daemon=True).start()
         try:
-            body = msgspec.json.decode(response.content)
-        except msgspec.DecodeError:
-            msg = f"{where}: the body is not JSON: {quote_body(response.text)!r}"
-            raise InvocaError(msg) from None
-        data = body.get("data") if isinstance(body, dict) else None
-        if not isinstance(data, list):
-            msg = f"{where}: the body has no 'data' list: {quote_body(response.text)!r}"
-            raise InvocaError(msg)
-        ids = []
-        for record in data:
-            raw_id = record.get("id") if isinstance(record, dict) else None
-            try:
-                ids.append(raw_id if type(raw_id) is int else int(str(raw_id).strip()))
-            except ValueError:
-                msg = f"{where}: a destination has no integer id ({raw_id!r})"
-                raise InvocaError(msg) from None
-        total = body.get("recordsTotal")
-        return Page(
-            limit=limit,
-            records=data,
-            ids=ids,
-            total=total if isinstance(total, int) else start + len(data),
+            return box.result(timeout=timeout)
+        except FutureTimeout:
+            abandoned.set()
+            msg = f"no complete response within request_timeout={timeout:g} s"
+            raise requests.exceptions.ReadTimeout(msg) from None
+
+    def _receive(
+        self, params: dict[str, t.Any], deadline: float, abandoned: threading.Event
+    ) -> Reply:
+        began = time.monotonic()
+        timeout = max(deadline - began, 0.001)
+        response = self.http_session.get(
+            self.get_url(None),
+            params=params,
+            headers=self.http_headers,
+            timeout=(timeout, timeout),
+            allow_redirects=False,
+            stream=True,
         )
+        try:
+            body = read_body(response, deadline, abandoned, self.timeout)
+        except BaseException:
+            response.close()  # the connection is unusable: not back to the pool
+            raise
+        reply = Reply(
+            status=response.status_code,
+            reason=response.reason or "",
+            path=urlparse(response.url).path,
+            headers=response.headers,
+            body=body,
+            seconds=time.monotonic() - began,
+        )
+        self._note_reply(reply)
+        return reply
 
-    # --- requests and retries ------------------------------------------------
+    def _note_reply(self, reply: Reply) -> None:
+        if self._window is None:
+            return  # a request left running after paging ended: the process may be exiting
+        with self._lock:
+            self.request_count += 1
+            if not self._got_reply:
+                self._got_reply = True
+                self.server_date_at_start = server_date(reply)
+            if self._request_counter is not None:
+                self._request_counter.increment()
+        point = metrics.Point(
+            "timer",
+            metric=metrics.Metric.HTTP_REQUEST_DURATION,
+            value=reply.seconds,
+            tags={
+                metrics.Tag.STREAM: self.name,
+                metrics.Tag.ENDPOINT: self.path,
+                metrics.Tag.HTTP_STATUS_CODE: reply.status,
+                metrics.Tag.STATUS: (
+                    metrics.Status.SUCCEEDED
+                    if reply.status < HTTPStatus.BAD_REQUEST
+                    else metrics.Status.FAILED
+                ),
+            },
+        )
+        metrics.log(metrics.get_metrics_logger(), point)
 
-    def fetch_page(self, start: int, limit: int) -> Page:
-        """GET one page, retrying transient failures.
+    # --- retries -------------------------------------------------------------
 
-        429, 500, 502, 503, 504, timeouts and dropped connections are retried
-        with exponential backoff and jitter, honouring ``Retry-After`` (capped),
-        until ``max_tries`` attempts or ``max_retry_seconds`` of waiting are used.
-        The SDK's backoff decorator is not used: it ignores ``Retry-After`` and
-        has no shared budget or concurrency feedback.
+    def fetch_page(self, request: Request, cancel: threading.Event) -> Page:
+        """GET one page, retrying transient failures (see ``paging.RetryPolicy``).
 
         Raises:
-            InvocaError: On a fatal status, a bad body, or exhausted retries.
+            InvocaError: On a fatal status, a bad body, a TLS or header problem,
+                or exhausted retries.
+            Cancelled: If ``cancel`` is set while waiting to retry.
         """
-        params = {**self.filter_params(), "limit": limit, "start": start}
-        url = self.get_url(None)
-        max_tries = int(self.config.get("max_tries", 6))
-        budget = float(self.config.get("max_retry_seconds", 300))
-        initial_wait = float(self.config.get("retry_initial_wait", 1.0))
+        params = {**self.filter_params(), "limit": request.limit, "start": request.start}
+        policy = self.retry_policy
         waited = 0.0
-        for attempt in range(1, max_tries + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             try:
-                response = self.requests_session.get(
-                    url,
-                    params=params,
-                    headers=self.http_headers,
-                    timeout=self.timeout,
-                    allow_redirects=False,
-                )
-                self.validate_response(response)
-                return self.decode_page(response, start, limit)
-            except RetriableAPIError as exc:
-                # validate_response always attaches the response to retriable errors.
-                failed = t.cast("requests.Response", exc.response)
-                reason = f"HTTP {failed.status_code}"
-                retry_after = retry_after_seconds(failed.headers.get("Retry-After"))
-                if failed.status_code == HTTPStatus.TOO_MANY_REQUESTS:
+                reply = self.send(params)
+                check_status(reply)
+                return decode_page(reply)
+            except RetriableReply as exc:
+                reason, retry_after, failure = exc.reason, exc.retry_after, str(exc)
+                if exc.throttled:
                     self._lower_concurrency()
-                failure = str(exc)
-            except RETRIABLE_EXCEPTIONS as exc:
-                reason, retry_after = type(exc).__name__, None
-                failure = f"{reason} for GET {self.path}"
-            if retry_after is not None:
-                wait = min(retry_after, MAX_SINGLE_WAIT_SECONDS)
-            else:
-                wait = min(initial_wait * 2 ** (attempt - 1), MAX_SINGLE_WAIT_SECONDS)
-                wait *= random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not crypto
-            if attempt == max_tries or waited + wait > budget:
-                msg = (
-                    f"gave up after {attempt} attempt(s) and {waited:.1f} s of waiting "
-                    f"(max_tries={max_tries}, max_retry_seconds={budget:g}): {failure}"
-                )
-                raise InvocaError(msg)
+            except (requests.RequestException, OSError, urllib3.exceptions.HTTPError) as exc:
+                reason, failure = self.transport_failure(exc)
+                retry_after = None
+            if cancel.is_set():
+                raise Cancelled  # no longer wanted: neither retried nor logged
+            wait = policy.wait(attempt, waited, retry_after)
+            if wait is None:
+                raise InvocaError(policy.give_up_message(attempt, waited, failure))
+            with self._lock:
+                self.retry_count += 1
             self.logger.warning(
                 "Retrying GET %s start=%d: %s, attempt %d/%d, waiting %.2f s%s",
                 self.path,
-                start,
+                request.start,
                 reason,
                 attempt,
-                max_tries,
+                policy.max_tries,
                 wait,
                 " (Retry-After)" if retry_after is not None else "",
             )
-            if self._paging_over.wait(wait):
-                msg = f"paging ended while GET {self.path} start={start} was retrying"
-                raise InvocaError(msg)
+            if cancel.wait(wait):
+                raise Cancelled
             waited += wait
-        msg = "unreachable"  # pragma: no cover - the loop returns or raises
-        raise AssertionError(msg)  # pragma: no cover
+
+    def transport_failure(self, exc: BaseException) -> tuple[str, str]:
+        """Name a transport failure worth retrying: (reason, message).
+
+        Raises:
+            InvocaError: For failures retrying cannot fix (TLS, headers, CA bundle).
+        """
+        if isinstance(exc, requests.exceptions.SSLError):
+            host = urlparse(self.url_base).netloc
+            msg = f"TLS error talking to {host}: {transport_reason(exc)}"
+            raise InvocaError(msg) from None
+        if isinstance(exc, requests.exceptions.InvalidHeader):
+            # Its message quotes the header value, which may be the token.
+            msg = (
+                "a request header has an invalid value (control characters or surrounding "
+                "whitespace?): check api_token and user_agent"
+            )
+            raise InvocaError(msg) from None
+        if isinstance(exc, RETRIABLE_TRANSPORT):
+            reason = type(exc).__name__
+            return reason, f"{reason} for GET {self.path}: {transport_reason(exc)}"
+        # E.g. a CA bundle that cannot be read: retrying will not help.
+        msg = f"cannot send GET {self.path}: {transport_reason(exc)}"
+        raise InvocaError(msg) from None
 
     def _lower_concurrency(self) -> None:
-        with self._window_lock:
-            if self._window > 1:
-                self._window = max(1, self._window // 2)
-                self.logger.warning(
-                    "Invoca throttled (429): lowering concurrency to %d for the rest of the run",
-                    self._window,
-                )
+        window = self._window
+        size = window.lower() if window is not None else None
+        if size is not None:
+            self.logger.warning(
+                "Invoca throttled (429): lowering concurrency to %d for the rest of the run", size
+            )
 
     # --- paging --------------------------------------------------------------
 
-    def iter_pages(self) -> Iterator[list[dict[str, t.Any]]]:  # noqa: C901, PLR0912, PLR0915
-        """Yield, in id order, the not-yet-seen records of each page (see class docstring).
+    def iter_pages(self) -> Iterator[list[dict[str, t.Any]]]:
+        """Yield, in id order, the not-yet-emitted records of each page.
 
         Raises:
-            InvocaError: If paging cannot make progress or ids are out of order.
+            InvocaError: If paging cannot be done safely (see ``paging.Pager``).
         """
-        page_size = int(self.config.get("page_size", 100))
-        overlap_limit = page_size + 1  # re-read the last seen record as the anchor
-        pool = ThreadPoolExecutor(
-            max_workers=self._max_concurrency,
-            thread_name_prefix="invoca-page",
-        )
-        in_flight: collections.deque[tuple[int, Future[Page]]] = collections.deque()
-        last_id: int | None = None
-        page_cap = overlap_limit  # most records a page holds; lowered if the server caps pages
-        known_total: int | None = None
-        idle_pages = step_backs = 0
-
-        def submit(start: int, limit: int) -> None:
-            in_flight.append((start, pool.submit(self.fetch_page, start, limit)))
-
-        def refill(anchor: int) -> None:
-            # Keep up to `window` requests in flight, each predicted to start
-            # at the last record of the one before it.
-            start = in_flight[-1][0] + page_cap - 1 if in_flight else anchor
-            while len(in_flight) < self._window:
-                # A page starting at the total's last record would bring nothing new.
-                if in_flight and known_total is not None and start + 1 >= known_total:
-                    break
-                submit(start, overlap_limit)
-                start += page_cap - 1
-
-        def discard_in_flight() -> None:
-            while in_flight:
-                in_flight.pop()[1].cancel()
-
-        self._paging_over.clear()
-        try:
-            submit(0, page_size)
-            while in_flight:
-                start, future = in_flight.popleft()
-                page = future.result()
-                known_total = page.total
-                ids = page.ids
-                if any(a >= b for a, b in itertools.pairwise(ids)):
-                    msg = (
-                        f"Invoca returned ids out of order at start={start} "
-                        f"(sort_by=id ignored?); paging would not be safe"
-                    )
-                    raise InvocaError(msg)
-                anchored = start == 0 or last_id is None or (bool(ids) and ids[0] <= last_id)
-                if not anchored:
-                    # Records before our offset were deleted: the list moved left,
-                    # so we may have skipped some. Read the previous stretch again.
-                    step_backs += 1
-                    if step_backs > MAX_STEP_BACKS:
-                        msg = "the list keeps shrinking faster than the tap can page it"
-                        raise InvocaError(msg)
-                    discard_in_flight()
-                    submit(max(0, start - (page_cap - 1)), overlap_limit)
-                    continue
-                first_new = 0
-                if last_id is not None:
-                    while first_new < len(ids) and ids[first_new] <= last_id:
-                        first_new += 1
-                is_last = not ids or start + len(ids) >= page.total
-                if first_new < len(ids):
-                    idle_pages = 0
-                elif not is_last:
-                    idle_pages += 1
-                    if idle_pages > MAX_IDLE_PAGES:
-                        msg = (
-                            f"Invoca returned no new records at start={start} "
-                            f"{idle_pages} times in a row (does the server ignore 'start'?)"
-                        )
-                        raise InvocaError(msg)
-                if not is_last:
-                    if len(ids) < page.limit:
-                        page_cap = min(page_cap, max(len(ids), 2))
-                    anchor = start + len(ids) - 1
-                    if in_flight and in_flight[0][0] > anchor:
-                        discard_in_flight()  # mispredicted: the next page would leave a gap
+        pager = Pager(page_size=int(self.config.get("page_size", 100)))
+        with self._lock:
+            self.server_date_at_start = None
+            self._got_reply = False
+            self.request_count = self.retry_count = 0
+        window: PrefetchWindow[Page] = PrefetchWindow(self.fetch_page, self.max_concurrency)
+        self._window = window
+        began = last_progress = time.monotonic()
+        outcome = "stopped"
+        with self.get_http_request_counter() as counter:
+            self._request_counter = counter
+            try:
+                for request in pager.plan(window.size):
+                    window.submit(request)
+                while len(window):
+                    _, page = window.pop()
+                    try:
+                        step = pager.feed(page.ids, page.total)
+                    except PagingError as exc:
+                        raise InvocaError(str(exc)) from None
+                    if step.discard:
+                        window.discard()
                     # Before handing records over, so requests overlap their processing.
-                    refill(anchor)
-                if first_new < len(ids):
-                    last_id = ids[-1]
-                    yield page.records[first_new:]
-                if is_last:
-                    break
-        finally:
-            self._paging_over.set()
-            discard_in_flight()
-            pool.shutdown(wait=False, cancel_futures=True)
+                    for request in pager.plan(window.size):
+                        window.submit(request)
+                    if step.emit_from < len(page.records):
+                        yield page.records[step.emit_from :]
+                    if time.monotonic() - last_progress >= PROGRESS_INTERVAL_SECONDS:
+                        last_progress = time.monotonic()
+                        self._log_progress(pager, "in progress", last_progress - began)
+                if not pager.done:  # pragma: no cover - a safety net: never a short success
+                    msg = "paging stopped before the end of the list was proven"
+                    raise InvocaError(msg)
+                outcome = "done"
+            finally:
+                window.discard()
+                self._window = self._request_counter = None
+                self._log_progress(pager, outcome, time.monotonic() - began)
+
+    def _log_progress(self, pager: Pager, what: str, seconds: float) -> None:
+        total = f" of about {pager.total}" if pager.total is not None else ""
+        self.logger.info(
+            "Paging %s: %d records read%s, %d requests, %d retries, %.1f s",
+            what,
+            pager.emitted,
+            total,
+            self.request_count,
+            self.retry_count,
+            seconds,
+        )
 
     @override
     def get_records(self, context: Context | None) -> Iterator[dict[str, t.Any]]:
         for records in self.iter_pages():
             yield from records
-
-
-def invoca_error_text(response: requests.Response) -> str:
-    """Return Invoca's error text from an error body, or the start of the body."""
-    try:
-        body = response.json()
-    except ValueError:
-        return quote_body(response.text) if response.text else ""
-    errors = body.get("errors") if isinstance(body, dict) else None
-    if isinstance(errors, dict):
-        parts = []
-        for key, value in errors.items():
-            text = "; ".join(map(str, value)) if isinstance(value, list) else str(value)
-            parts.append(f"{key}: {text}")
-        return quote_body(", ".join(parts))
-    return quote_body(json.dumps(body))

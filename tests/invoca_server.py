@@ -11,7 +11,9 @@ Each destination is generated twice: ``expected`` holds the typed, flat record a
 correct tap must emit (computed here, independently of the tap's code), and the
 wire form renders it the way Invoca would. Fault knobs (``Faults``) inject
 latency, error statuses, dropped connections, slow or malformed bodies, page
-caps, changes to the list mid-sync, and a server that ignores ``start``.
+caps, changes to the list mid-sync, a server that ignores ``start`` or ``limit``,
+``recordsTotal`` variants, duplicate or unsorted ids, trickled, non-UTF-8 or deeply
+nested bodies, and a skewed ``Date`` header. All are off by default.
 
 Standalone: ``python tests/invoca_server.py --port 8765 --count 500``.
 """
@@ -195,6 +197,20 @@ class Faults:
     insert_at: str = "end"  # new highest ids ("end") or ids between the first ones ("front")
     status_every: dict[int, int] = dataclasses.field(default_factory=dict)  # {K: status}
     redirect_to: str | None = None  # answer every request with a 301 to this base URL
+    ignore_limit: int = 0  # serve this many records per page whatever `limit` says
+    total_form: str = (
+        "exact"  # recordsTotal: exact|absent|null|string|float|fixed|plus_one|page_len
+    )
+    total_value: int = 0  # the recordsTotal sent when total_form is "fixed"
+    bad_ids: str = ""  # "duplicate" or "unsorted": ids of the list page number bad_ids_page
+    bad_ids_page: int = 1
+    trickle_every: int = 0  # every K-th request: a list body sent trickle_bytes at a time...
+    trickle_bytes: int = 1
+    trickle_delay: float = 0.05  # ...with this many seconds between the pieces
+    non_utf8_every: int = 0  # every K-th request: 200 with a body that is not UTF-8
+    deep_json_every: int = 0  # every K-th request: 200 with JSON nested 5,000 deep
+    clock_skew_seconds: float = 0  # the Date header is shifted by this much
+    on_list_page: t.Callable[[int], None] | None = None  # called after the N-th list page
 
 
 @dataclasses.dataclass
@@ -209,6 +225,7 @@ class Stats:
     token_in_url: int = 0
     dropped: int = 0
     paths: list[str] = dataclasses.field(default_factory=list)
+    connections: int = 0  # TCP connections accepted
 
 
 class InvocaServer:
@@ -352,17 +369,34 @@ class InvocaServer:
             self._cache[key] = listing
             return listing
 
-    def list_body(self, query: dict[str, str]) -> bytes:
-        """The body of one list response."""
+    def list_body(self, query: dict[str, str], page_number: int = 0) -> bytes:
+        """The body of one list response (``page_number``: its rank among list pages, from 1)."""
+        faults = self.faults
         listing = self._listing(query)
-        limit = int(query.get("limit", 100))
-        start = 0 if self.faults.ignore_start else int(query.get("start", 0))
-        if self.faults.page_cap:
-            limit = min(limit, self.faults.page_cap)
+        limit = faults.ignore_limit or int(query.get("limit", 100))
+        start = 0 if faults.ignore_start else int(query.get("start", 0))
+        if faults.page_cap:
+            limit = min(limit, faults.page_cap)
+        ids = listing[start : start + limit]
+        if faults.bad_ids and page_number == faults.bad_ids_page and len(ids) >= 2:
+            ids = [ids[0], *ids] if faults.bad_ids == "duplicate" else [ids[1], ids[0], *ids[2:]]
         with self.lock:
-            chunk = [self._bytes[i] for i in listing[start : start + limit] if i in self._bytes]
-        total = len(listing)
-        return b'{"data":[' + b",".join(chunk) + b'],"requestId":null,"recordsTotal":%d}' % total
+            chunk = [self._bytes[i] for i in ids if i in self._bytes]
+        total = self._total_json(len(listing), len(chunk))
+        return b'{"data":[' + b",".join(chunk) + b'],"requestId":null' + total + b"}"
+
+    def _total_json(self, total: int, page_len: int) -> bytes:
+        form = self.faults.total_form
+        value: object = {
+            "exact": total,
+            "null": None,
+            "string": str(total),
+            "float": float(total),
+            "fixed": self.faults.total_value,
+            "plus_one": total + 1,
+            "page_len": page_len,
+        }.get(form, total)
+        return b"" if form == "absent" else b',"recordsTotal":' + json.dumps(value).encode()
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -395,6 +429,25 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: t.Any) -> None:  # noqa: A002
             pass
 
+        def setup(self) -> None:
+            with server.lock:
+                server.stats.connections += 1
+            super().setup()
+
+        def date_time_string(self, timestamp: float | None = None) -> str:
+            if timestamp is None:
+                timestamp = time.time() + server.faults.clock_skew_seconds
+            return super().date_time_string(timestamp)
+
+        def _raw_200(self, body: bytes, content_type: str = "application/json") -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            with server.lock:
+                server.stats.statuses[200] += 1
+
         def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
             with server.lock:
                 server.stats.statuses[status] += 1
@@ -405,6 +458,22 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
                 self.send_header(name, value)
             self.end_headers()
             self.wfile.write(body)
+
+        def _trickle(self, body: bytes) -> None:
+            with server.lock:
+                server.stats.statuses[200] += 1
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            step = max(server.faults.trickle_bytes, 1)
+            try:
+                for at in range(0, len(body), step):
+                    self.wfile.write(body[at : at + step])
+                    self.wfile.flush()
+                    time.sleep(server.faults.trickle_delay)
+            except OSError:  # the client gave up: that is the point
+                self.close_connection = True
 
         def _error(self, status: int, errors: dict[str, t.Any]) -> None:
             self._send(status, json.dumps({"errors": errors}).encode())
@@ -461,13 +530,15 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
                 self._send(faults.fail_status, json.dumps(body).encode(), headers)
                 return True
             if every(faults.non_json_every):
-                self.send_response(200)
-                html = b"<html><body>Service temporarily unavailable</body></html>"
-                self.send_header("Content-Type", "text/html")
-                self.send_header("Content-Length", str(len(html)))
-                self.end_headers()
-                self.wfile.write(html)
-                server.stats.statuses[200] += 1
+                self._raw_200(
+                    b"<html><body>Service temporarily unavailable</body></html>", "text/html"
+                )
+                return True
+            if every(faults.non_utf8_every):
+                self._raw_200(b'{"data":[{"id":1,"requested_destination_name":"Caf\xe9"}]}')
+                return True
+            if every(faults.deep_json_every):
+                self._raw_200(b'{"data":' + b"[" * 5000 + b"]" * 5000 + b"}")
                 return True
             if every(faults.no_data_every):
                 self._send(200, b'{"requestId":null,"recordsTotal":0}')
@@ -486,17 +557,25 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
                 return
             prefix = f"/api/{API_VERSION}/{server.network_id}/customer_phone_numbers"
             if url.path == prefix + ".json":
+                with server.lock:
+                    pages = server.stats.list_pages + 1
                 try:
-                    body = server.list_body(query)
+                    body = server.list_body(query, pages)
                 except ValueError:
                     self._error(403, {"limit": ["must be an integer"]})
                     return
-                self._send(200, body)
+                faults = server.faults
+                if faults.trickle_every and number % faults.trickle_every == 0:
+                    self._trickle(body)
+                else:
+                    self._send(200, body)
                 with server.lock:
                     server.stats.list_pages += 1
                     pages = server.stats.list_pages
-                if server.faults.mutate_after_page and pages == server.faults.mutate_after_page:
+                if faults.mutate_after_page and pages == faults.mutate_after_page:
                     server._mutate()
+                if faults.on_list_page is not None:
+                    faults.on_list_page(pages)
                 return
             if url.path.startswith(prefix + "/") and url.path.endswith(".json"):
                 raw_id = url.path[len(prefix) + 1 : -len(".json")]
@@ -515,14 +594,18 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+NOT_ON_CLI = {"status_every", "on_list_page"}
+
+
 def main() -> None:
     """Run the server in the foreground."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--count", type=int, default=500, help="destinations to serve")
     parser.add_argument("--token", default=DEFAULT_TOKEN)
+    floats = {"latency_ms", "slow_seconds", "trickle_delay", "clock_skew_seconds"}
     for field in dataclasses.fields(Faults):
-        if field.name == "status_every":
+        if field.name in NOT_ON_CLI:
             continue
         flag = "--" + field.name.replace("_", "-")
         default = field.default
@@ -531,7 +614,7 @@ def main() -> None:
         else:
             kind = (
                 float
-                if field.name in {"latency_ms", "slow_seconds"}
+                if field.name in floats
                 else (int if isinstance(default, int) or field.name == "fail_times" else str)
             )
             parser.add_argument(flag, type=kind, default=default)
@@ -540,7 +623,7 @@ def main() -> None:
         **{
             f.name: getattr(args, f.name)
             for f in dataclasses.fields(Faults)
-            if f.name != "status_every"
+            if f.name not in NOT_ON_CLI
         }
     )
     server = InvocaServer(args.count, token=args.token, port=args.port, faults=faults)

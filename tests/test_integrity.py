@@ -114,3 +114,25 @@ def test_the_scenario_really_breaks_naive_offset_paging(
     )
     emitted = naive_offset_paging(server, 25)
     assert len(emitted) != len(set(emitted)), "naive paging repeated nothing?"
+
+
+@pytest.mark.parametrize("form", ["absent", "string", "page_len", "plus_one"])
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_changes_mid_sync_with_an_untrustworthy_total(
+    make_server: Callable[..., InvocaServer], form: str, concurrency: int
+) -> None:
+    # recordsTotal missing, mistyped, equal to the page length or one too high,
+    # while destinations are deleted and inserted between pages.
+    faults = Faults(
+        total_form=form,
+        mutate_after_page=2,
+        delete_count=15,
+        delete_from="spread",
+        insert_count=8,
+        insert_at="front",
+    )
+    server = make_server(300, faults=faults)
+    initial = server.ids()
+    run = run_in_process(config_for(server, page_size=20, max_concurrency=concurrency))
+    assert server.deleted_ids
+    check_exactly_once(server, initial, [r["id"] for r in run.records])

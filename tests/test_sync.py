@@ -81,15 +81,23 @@ def test_limit_and_start_sent_follow_page_size(server: InvocaServer) -> None:
     assert "sort_dir=asc" in list_paths[0]
 
 
+@pytest.mark.parametrize(
+    ("count", "proof"),
+    [
+        (950, []),  # the page at 899 is short: it proves the end
+        (1000, [999]),  # the page at 899 is full: one more request proves the end
+    ],
+)
 @pytest.mark.parametrize("concurrency", [1, 4])
 def test_prefetching_asks_for_no_page_past_the_end(
-    make_server: Callable[..., InvocaServer], concurrency: int
+    make_server: Callable[..., InvocaServer], concurrency: int, count: int, proof: list[int]
 ) -> None:
-    server = make_server(1000)
-    run_in_process(config_for(server, page_size=100, max_concurrency=concurrency))
+    server = make_server(count)
+    run = run_in_process(config_for(server, page_size=100, max_concurrency=concurrency))
+    assert len(run.records) == count
     # 100 records, then 100 new ones per page (each re-reads one as its anchor).
     starts = sorted(int(p.rsplit("start=", 1)[1]) for p in server.stats.paths)
-    assert starts == [0, 99, 199, 299, 399, 499, 599, 699, 799, 899]
+    assert starts == [0, 99, 199, 299, 399, 499, 599, 699, 799, 899, *proof]
 
 
 @pytest.mark.parametrize("status", ["ignored", "tracked", "discovered"])

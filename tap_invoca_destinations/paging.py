@@ -1,0 +1,348 @@
+"""Paging pieces without HTTP: the id-anchored pager, the retry policy, the prefetch window.
+
+``Pager`` decides, from per-page facts only (offset and limit asked, ids received,
+the ``recordsTotal`` hint), what to request next and which part of each page is
+new. ``RetryPolicy`` turns an attempt number, ``Retry-After`` and the budget used
+into a wait or a refusal. ``PrefetchWindow`` runs fetches on daemon threads and
+hands their results back strictly in the order they were asked for.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import itertools
+import random
+import threading
+import typing as t
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+if t.TYPE_CHECKING:
+    from collections.abc import Callable
+
+MAX_IDLE_PAGES = 2  # anchored, full pages in a row that bring nothing new
+MAX_STEP_BACKS = 1000  # re-reads after the list shrank under us, per sync
+
+T = t.TypeVar("T")
+
+
+class PagingError(Exception):
+    """Paging cannot go on safely; the message says what the server did."""
+
+
+class Cancelled(Exception):  # noqa: N818 - it is a state, not a failure of its own
+    """A fetch was given up because its result is no longer wanted."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One list request: ``start`` (offset) and ``limit``."""
+
+    start: int
+    limit: int
+
+
+@dataclass(frozen=True)
+class Step:
+    """What to do with a page: emit its records from ``emit_from`` on, then go on or stop."""
+
+    emit_from: int
+    done: bool = False
+    discard: bool = False  # the pages in flight were planned on a wrong guess: drop them
+
+
+def parse_total(value: object) -> int | None:
+    """Read ``recordsTotal`` as a hint: an integer, an integral float or a digit string."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return None
+
+
+def check_ids(ids: list[int], start: int) -> None:
+    """Refuse a page whose ids are not strictly ascending.
+
+    Raises:
+        PagingError: On a duplicate id or ids out of order.
+    """
+    for a, b in itertools.pairwise(ids):
+        if a >= b:
+            what = f"id {a} twice" if a == b else f"id {a} before id {b}"
+            msg = (
+                f"Invoca returned {what} in the page at start={start} "
+                "(sort_by=id ignored, or duplicates); paging would not be safe"
+            )
+            raise PagingError(msg)
+
+
+@dataclass
+class Pager:
+    """Id-anchored offset paging that ends only on evidence.
+
+    Every request after the first starts at the offset of the last emitted
+    record (the anchor) and asks for ``page_size + 1``. Rules, per page:
+
+    - ids must be strictly ascending, else fail;
+    - a page at ``start > 0`` that begins with the list's first id means the
+      server ignores ``start``: fail;
+    - not anchored (its first id is above the anchor, or it is empty at
+      ``start > 0``): records before the offset were deleted, so step back one
+      page and read again (at most ``MAX_STEP_BACKS`` times);
+    - anchored: emit the ids above the anchor. The list has ended when the page
+      holds fewer records than the server has shown it serves for that limit
+      (``min(limit, longest page seen)``), or is empty at ``start=0``.
+      ``recordsTotal`` never ends paging; it only stops speculative prefetches;
+    - a full anchored page with nothing new, more than ``MAX_IDLE_PAGES`` times
+      in a row, fails. While no page has held more than one record (a server
+      serving one record per page cannot be anchored), the one-record list is
+      proven by an empty page at ``start=1`` and the record re-read at 0.
+    """
+
+    page_size: int
+    last_id: int | None = field(default=None, init=False)  # the last id emitted
+    first_id: int | None = field(default=None, init=False)  # the list's first, seen at start=0
+    longest: int = field(default=0, init=False)  # most records one page has held
+    stride: int = field(default=0, init=False)  # records a page is expected to hold
+    total: int | None = field(default=None, init=False)  # the latest usable recordsTotal
+    requests: int = field(default=0, init=False)
+    emitted: int = field(default=0, init=False)
+    done: bool = field(default=False, init=False)
+    in_flight: collections.deque[Request] = field(default_factory=collections.deque, init=False)
+    _next: Request | None = field(default=None, init=False)  # the page needed next
+    _probe: str | None = field(default=None, init=False)  # "beyond"/"confirm": 1-record list
+    _idle: int = field(default=0, init=False)
+    _step_backs: int = field(default=0, init=False)
+
+    @property
+    def limit(self) -> int:
+        """The limit of every request after the first: a page plus the anchor."""
+        return self.page_size + 1
+
+    def plan(self, window: int) -> list[Request]:
+        """Requests to send now so that up to ``window`` are in flight, in order."""
+        if self.done:
+            return []
+        new: list[Request] = []
+        if self._next is None and not self.requests:
+            new.append(Request(0, self.page_size))  # alone: nothing is known yet
+        elif not self.in_flight and self._next is not None:
+            new.append(self._next)
+        tail = new[-1] if new else (self.in_flight[-1] if self.in_flight else None)
+        while (
+            tail is not None
+            and self.requests
+            and self._probe is None
+            and self.stride >= 2  # noqa: PLR2004 - a page must hold the anchor and one more
+            and len(self.in_flight) + len(new) < window
+        ):
+            start = tail.start + self.stride - 1
+            if self.total is not None and start >= self.total:
+                # Past the hinted end: only the needed page goes there. A page
+                # starting at the hinted last record is the proof of the end.
+                break
+            tail = Request(start, self.limit)
+            new.append(tail)
+        self.in_flight.extend(new)
+        self.requests += len(new)
+        return new
+
+    def feed(self, ids: list[int], total: object = None) -> Step:
+        """Take the facts of the oldest page in flight and say what to do.
+
+        Raises:
+            PagingError: If the server's pages cannot be paged safely.
+        """
+        request = self.in_flight.popleft()
+        start = request.start
+        check_ids(ids, start)
+        hint = parse_total(total)
+        if hint is not None:
+            self.total = hint
+        self.longest = max(self.longest, len(ids))
+        self._check_start(start, ids)
+        if self._probe is not None:
+            step = self._after_probe(ids)
+            if step is not None:
+                return step
+        if not self._anchored(start, ids):
+            return self._step_back(start, len(ids))
+        first_new = 0 if self.last_id is None else bisect.bisect_right(ids, self.last_id)
+        if first_new < len(ids):
+            self._idle = 0
+            self.last_id = ids[-1]
+            self.emitted += len(ids) - first_new
+        if (not ids and start == 0) or len(ids) < min(request.limit, self.longest):
+            return self._finish(first_new)
+        # A server that honours `limit` fills the next (larger) requests too.
+        self.stride = self.limit if len(ids) == request.limit else len(ids)
+        if first_new == len(ids):
+            self._idle_page(start, request.limit)
+        if self._probe is None:
+            self._next = Request(start + len(ids) - 1, self.limit)
+        return Step(first_new, discard=self._drop_mispredicted())
+
+    def _check_start(self, start: int, ids: list[int]) -> None:
+        if start == 0 and ids:
+            self.first_id = ids[0]
+        elif ids and ids[0] == self.first_id:
+            msg = (
+                f"Invoca answered start={start} with the list's first record (id {ids[0]}) "
+                "again: the server ignores 'start', so the list cannot be paged"
+            )
+            raise PagingError(msg)
+
+    def _anchored(self, start: int, ids: list[int]) -> bool:
+        if start == 0:
+            return True
+        return bool(ids) and self.last_id is not None and ids[0] <= self.last_id
+
+    def _finish(self, first_new: int) -> Step:
+        self.done = True
+        discard = bool(self.in_flight)
+        self.in_flight.clear()
+        return Step(first_new, done=True, discard=discard)
+
+    def _step_back(self, start: int, received: int) -> Step:
+        self._step_backs += 1
+        if self._step_backs > MAX_STEP_BACKS:
+            msg = (
+                f"the list kept shrinking under the tap ({MAX_STEP_BACKS} re-reads); "
+                "run the sync again later"
+            )
+            raise PagingError(msg)
+        self._next = Request(max(0, start - max(self.stride - 1, 1)), self.limit)
+        self.in_flight.clear()
+        return Step(received, discard=True)
+
+    def _idle_page(self, start: int, limit: int) -> None:
+        if self.longest <= 1:
+            if start != 0:
+                msg = (
+                    f"Invoca returns one record per page (start={start}, limit={limit}): "
+                    "such pages cannot be checked against each other; ask Invoca to honour "
+                    "'limit'"
+                )
+                raise PagingError(msg)
+            self._probe = "beyond"
+            self._next = Request(1, self.limit)
+            return
+        self._idle += 1
+        if self._idle > MAX_IDLE_PAGES:
+            msg = (
+                f"Invoca returned no new records at start={start} {self._idle} times in a row "
+                "although the pages were full (does the server ignore 'start'?)"
+            )
+            raise PagingError(msg)
+
+    def _after_probe(self, ids: list[int]) -> Step | None:
+        if self._probe == "beyond":
+            if ids:
+                msg = (
+                    "Invoca returns one record per page (limit ignored at start=0 and "
+                    "start=1): such pages cannot be checked against each other"
+                )
+                raise PagingError(msg)
+            self._probe = "confirm"
+            self._next = Request(0, self.limit)
+            return Step(0, discard=self._drop_mispredicted())
+        self._probe = None
+        if ids == [self.last_id]:
+            return self._finish(1)
+        return None  # the list changed: page on as usual
+
+    def _drop_mispredicted(self) -> bool:
+        # A prefetched page must start exactly where the next one is needed.
+        if self.in_flight and self._next is not None and self.in_flight[0] != self._next:
+            self.in_flight.clear()
+            return True
+        return False
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter, ``Retry-After``, and bounds in tries and time."""
+
+    max_tries: int = 6
+    budget_seconds: float = 300.0
+    initial_wait: float = 1.0
+    max_single_wait: float = 120.0  # cap on one wait, whatever Retry-After asks for
+    jitter: Callable[[], float] = random.random  # a number in [0, 1)
+
+    def wait(self, attempt: int, waited: float, retry_after: float | None) -> float | None:
+        """Seconds to wait before attempt ``attempt + 1``, or None to give up."""
+        if retry_after is not None:
+            seconds = min(retry_after, self.max_single_wait)
+        else:
+            seconds = min(self.initial_wait * 2 ** (attempt - 1), self.max_single_wait)
+            seconds *= 0.5 + 0.5 * self.jitter()
+        if attempt >= self.max_tries or waited + seconds > self.budget_seconds:
+            return None
+        return seconds
+
+    def give_up_message(self, attempt: int, waited: float, failure: str) -> str:
+        """The one-line error once retries are exhausted."""
+        return (
+            f"gave up after {attempt} attempt(s) and {waited:.1f} s of waiting "
+            f"(max_tries={self.max_tries}, max_retry_seconds={self.budget_seconds:g}): {failure}"
+        )
+
+
+class PrefetchWindow(t.Generic[T]):
+    """Fetches in flight on daemon threads, consumed strictly in submission order.
+
+    Daemon threads, not an executor: a fatal error or a signal ends the process
+    at once instead of waiting for requests still running. Each fetch gets an
+    event that is set when its result is no longer wanted, so a fetch waiting to
+    retry stops at once.
+    """
+
+    def __init__(self, fetch: Callable[[Request, threading.Event], T], size: int) -> None:
+        """Prepare a window of at most ``size`` fetches (halved by ``lower``)."""
+        self._fetch = fetch
+        self.size = max(size, 1)
+        self._lock = threading.Lock()
+        self._slots: collections.deque[tuple[Request, Future[T], threading.Event]] = (
+            collections.deque()
+        )
+
+    def __len__(self) -> int:
+        """Fetches in flight."""
+        return len(self._slots)
+
+    def submit(self, request: Request) -> None:
+        """Start fetching ``request`` now."""
+        future: Future[T] = Future()
+        cancel = threading.Event()
+
+        def run() -> None:
+            try:
+                future.set_result(self._fetch(request, cancel))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                future.set_exception(exc)
+
+        self._slots.append((request, future, cancel))
+        threading.Thread(target=run, name=f"invoca-page-{request.start}", daemon=True).start()
+
+    def pop(self) -> tuple[Request, T]:
+        """Wait for the oldest fetch and return it (its exception is raised here)."""
+        request, future, _ = self._slots.popleft()
+        return request, future.result()
+
+    def discard(self) -> None:
+        """Drop every fetch in flight; their threads end on their own."""
+        while self._slots:
+            self._slots.pop()[2].set()
+
+    def lower(self) -> int | None:
+        """Halve the window (after a 429); return the new size if it changed."""
+        with self._lock:
+            if self.size <= 1:
+                return None
+            self.size = max(1, self.size // 2)
+            return self.size

@@ -1,0 +1,424 @@
+"""The pure paging pieces: Pager (against a model of Invoca's list), RetryPolicy, PrefetchWindow.
+
+The model serves a sorted list of ids the way a server might: honouring or
+ignoring ``start`` and ``limit``, capping pages, sending ``recordsTotal`` right,
+wrong, missing or mistyped, sometimes a page with a duplicate or unsorted id,
+and changing the list (deletions, insertions anywhere) before any request. The
+property: paging either ends with every survivor (present from the first to the
+last request) emitted exactly once, ids ascending, or raises a clear
+``PagingError``; never a short success.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import typing as t
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tap_invoca_destinations.paging import (
+    MAX_IDLE_PAGES,
+    Cancelled,
+    Pager,
+    PagingError,
+    PrefetchWindow,
+    Request,
+    RetryPolicy,
+    parse_total,
+)
+
+TOTAL_MODES = [
+    "exact",
+    "absent",
+    "null",
+    "string",
+    "float",
+    "fixed",
+    "plus_one",
+    "page_len",
+    "half",
+]
+PROPERTY = settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+MAX_STEPS = 20_000  # the pager must end well before this
+
+
+@dataclass
+class Model:
+    """A list of ids and the way a server serves it."""
+
+    ids: list[int]
+    cap: int = 0  # at most this many per page (0: no cap)
+    fixed_count: int = 0  # ignore limit: serve this many (0: honour limit)
+    ignore_start: bool = False
+    total_mode: str = "exact"
+    fixed_total: int = 100
+    corrupt: str = ""  # "duplicate" or "unsorted" in one page
+    corrupt_page: int = -1
+    initial: set[int] = field(default_factory=set)
+    ever: set[int] = field(default_factory=set)
+    deleted: set[int] = field(default_factory=set)
+    served: int = 0
+
+    def __post_init__(self) -> None:
+        self.initial = set(self.ids)
+        self.ever = set(self.ids)
+
+    def mutate(self, data: st.DataObject, allowed: bool) -> None:
+        if not allowed or not data.draw(st.booleans(), label="mutate now"):
+            return
+        for _ in range(data.draw(st.integers(0, 3), label="deletions")):
+            if self.ids:
+                victim = self.ids.pop(data.draw(st.integers(0, len(self.ids) - 1)))
+                self.deleted.add(victim)
+        for _ in range(data.draw(st.integers(0, 3), label="insertions")):
+            fresh = data.draw(st.integers(0, 10_000), label="new id")
+            if fresh not in self.ever:
+                self.ever.add(fresh)
+                self.ids.append(fresh)
+        self.ids.sort()
+
+    def serve(self, request: Request) -> tuple[list[int], object, bool]:
+        start = 0 if self.ignore_start else request.start
+        count = self.fixed_count or request.limit
+        if self.cap:
+            count = min(count, self.cap)
+        page = self.ids[start : start + count]
+        corrupted = False
+        if self.served == self.corrupt_page and len(page) >= 2:
+            corrupted = True
+            if self.corrupt == "duplicate":
+                page = [*page[:1], page[0], *page[1:]]
+            else:
+                page = [page[1], page[0], *page[2:]]
+        self.served += 1
+        return page, self.total(len(page)), corrupted
+
+    def total(self, page_len: int) -> object:
+        n = len(self.ids)
+        return {
+            "exact": n,
+            "absent": None,
+            "null": None,
+            "string": str(n),
+            "float": float(n),
+            "fixed": self.fixed_total,
+            "plus_one": n + 1,
+            "page_len": page_len,
+            "half": n // 2,
+        }[self.total_mode]
+
+
+def drive(
+    pager: Pager, model: Model, data: st.DataObject, window: int, *, mutate: bool
+) -> list[int]:
+    """Run the pager against the model; return the ids emitted (or raise PagingError)."""
+    pending: collections.deque[tuple[Request, list[int], object, bool]] = collections.deque()
+
+    def submit() -> None:
+        for request in pager.plan(window):
+            model.mutate(data, mutate)
+            pending.append((request, *model.serve(request)))
+
+    emitted: list[int] = []
+    submit()
+    steps = 0
+    while pending:
+        steps += 1
+        assert steps < MAX_STEPS, "paging did not end"
+        request, ids, total, corrupted = pending.popleft()
+        assert pager.in_flight[0] == request
+        if corrupted:
+            with pytest.raises(PagingError):
+                pager.feed(ids, total)
+            raise PagingError("corrupt page refused")
+        step = pager.feed(ids, total)
+        if step.discard:
+            pending.clear()
+        assert list(pager.in_flight) == [p[0] for p in pending]
+        emitted += ids[step.emit_from :]
+        submit()
+    assert pager.done
+    model.mutate(data, mutate)
+    return emitted
+
+
+def rarely(draw: st.DrawFn, label: str) -> bool:
+    """True about one time in ten (hypothesis favours the ends of ranges: keep those False)."""
+    return 45 <= draw(st.integers(0, 99), label=label) < 55
+
+
+@st.composite
+def models(draw: st.DrawFn, *, hostile: bool) -> Model:
+    size = draw(st.integers(0, 60), label="list size")
+    ids = sorted(draw(st.sets(st.integers(0, 10_000), min_size=size, max_size=size)))
+    model = Model(
+        ids=ids,
+        cap=draw(st.sampled_from([0, 0, 0, 2, 3, 7])),
+        fixed_count=draw(st.sampled_from([0, 0, 0, 0, 2, 5, 40])),
+        total_mode=draw(st.sampled_from(TOTAL_MODES)),
+        fixed_total=draw(st.integers(0, 80)),
+    )
+    if hostile:
+        if rarely(draw, "one record per page"):
+            model.cap = 1
+        model.ignore_start = rarely(draw, "ignore start")
+        if rarely(draw, "corrupt page"):
+            model.corrupt = draw(st.sampled_from(["duplicate", "unsorted"]))
+            model.corrupt_page = draw(st.integers(0, 12))
+    return model
+
+
+@PROPERTY
+@given(
+    model=models(hostile=True),
+    page_size=st.integers(1, 12),
+    window=st.integers(1, 4),
+    data=st.data(),
+)
+def test_exactly_once_or_a_clear_error_never_a_short_success(
+    model: Model, page_size: int, window: int, data: st.DataObject
+) -> None:
+    pager = Pager(page_size)
+    try:
+        emitted = drive(pager, model, data, window, mutate=True)
+    except PagingError as exc:
+        message = str(exc)
+        assert message
+        assert "\n" not in message
+        return
+    assert emitted == sorted(set(emitted)), "an id twice, or out of order"
+    survivors = model.initial - model.deleted
+    assert survivors <= set(emitted), f"lost {sorted(survivors - set(emitted))}"
+    assert set(emitted) <= model.ever
+    assert pager.emitted == len(emitted)
+
+
+@PROPERTY
+@given(
+    model=models(hostile=False),
+    page_size=st.integers(1, 12),
+    window=st.integers(1, 4),
+    data=st.data(),
+)
+def test_a_steady_list_is_read_whole_whatever_the_total_says(
+    model: Model, page_size: int, window: int, data: st.DataObject
+) -> None:
+    # No spurious failure: any recordsTotal, page caps >= 2, limit ignored.
+    expected = list(model.ids)
+    emitted = drive(Pager(page_size), model, data, window, mutate=False)
+    assert emitted == expected
+
+
+# --- scripted cases (each branch of the rules) ---------------------------------
+
+
+def run_script(
+    ids: list[int], page_size: int, window: int = 1, **behaviour: t.Any
+) -> tuple[list[int], list[Request]]:
+    model = Model(ids=list(ids), **behaviour)
+    pager = Pager(page_size)
+    asked: list[Request] = []
+    emitted: list[int] = []
+    queue: collections.deque[Request] = collections.deque()
+    queue.extend(pager.plan(window))
+    while queue:
+        request = queue.popleft()
+        asked.append(request)
+        page, total, _ = model.serve(request)
+        step = pager.feed(page, total)
+        if step.discard:
+            queue.clear()
+        emitted += page[step.emit_from :]
+        queue.extend(pager.plan(window))
+    return emitted, asked
+
+
+def test_a_partial_last_page_ends_without_an_extra_request() -> None:
+    emitted, asked = run_script(list(range(250)), 100)
+    assert emitted == list(range(250))
+    assert [r.start for r in asked] == [0, 99, 199]
+    assert [r.limit for r in asked] == [100, 101, 101]
+
+
+def test_an_exactly_full_last_page_costs_one_extra_request() -> None:
+    emitted, asked = run_script(list(range(300)), 100, window=4)
+    assert emitted == list(range(300))
+    assert [r.start for r in asked] == [0, 99, 199, 299]
+
+
+@pytest.mark.parametrize("mode", ["absent", "page_len", "half", "fixed", "string", "float"])
+def test_the_total_never_ends_paging(mode: str) -> None:
+    emitted, _ = run_script(list(range(500)), 100, window=4, total_mode=mode, fixed_total=100)
+    assert emitted == list(range(500))
+
+
+def test_a_total_too_high_costs_nothing_but_a_wasted_prefetch() -> None:
+    emitted, _ = run_script(list(range(500)), 100, window=4, total_mode="plus_one")
+    assert emitted == list(range(500))
+
+
+def test_no_prefetch_past_a_consistent_total() -> None:
+    _, asked = run_script(list(range(1000)), 100, window=4)
+    assert [r.start for r in asked] == [0, 99, 199, 299, 399, 499, 599, 699, 799, 899, 999]
+
+
+def test_empty_list() -> None:
+    assert run_script([], 10) == ([], [Request(0, 10)])
+
+
+def test_a_one_record_list_is_proven_by_an_empty_page_beyond_it() -> None:
+    emitted, asked = run_script([7], 10)
+    assert emitted == [7]
+    assert [r.start for r in asked] == [0, 0, 1, 0]
+
+
+def test_one_record_per_page_is_a_clear_error() -> None:
+    with pytest.raises(PagingError, match="one record per page"):
+        run_script([1, 2, 3], 10, cap=1)
+
+
+@pytest.mark.parametrize("size", [50, 150, 500])
+def test_a_server_ignoring_start_is_named(size: int) -> None:
+    with pytest.raises(PagingError, match="ignores 'start'"):
+        run_script(list(range(size)), 100, window=4, ignore_start=True)
+
+
+@pytest.mark.parametrize(("fixed", "cap"), [(150, 0), (10, 0), (0, 13), (2, 0)])
+def test_a_server_ignoring_limit_or_capping_pages_is_paged_whole(fixed: int, cap: int) -> None:
+    emitted, _ = run_script(list(range(0, 1500, 3)), 100, window=3, fixed_count=fixed, cap=cap)
+    assert emitted == list(range(0, 1500, 3))
+
+
+@pytest.mark.parametrize(
+    ("ids", "match"), [([1, 2, 2, 3], "id 2 twice"), ([1, 3, 2], "id 3 before id 2")]
+)
+def test_duplicate_or_unsorted_ids_are_refused(ids: list[int], match: str) -> None:
+    pager = Pager(10)
+    pager.plan(1)
+    with pytest.raises(PagingError, match=match):
+        pager.feed(ids, None)
+
+
+def test_a_page_that_moved_right_steps_back() -> None:
+    pager = Pager(3)
+    pager.plan(1)
+    assert pager.feed([1, 2, 3], 9).emit_from == 0
+    assert pager.plan(1) == [Request(2, 4)]
+    step = pager.feed([5, 6, 7, 8], 9)  # 3 and 4 were deleted: not anchored
+    assert step.emit_from == 4
+    assert step.discard
+    assert pager.plan(1) == [Request(0, 4)]
+    step = pager.feed([1, 2, 4, 5], 9)
+    assert step.emit_from == 2
+    assert pager.last_id == 5
+
+
+def test_full_pages_with_nothing_new_end_in_an_error() -> None:
+    pager = Pager(2)
+    pager.plan(1)
+    pager.feed([10, 20], None)
+    with pytest.raises(PagingError, match="no new records"):  # noqa: PT012 - several pages
+        for _ in range(MAX_IDLE_PAGES + 1):
+            pager.plan(1)
+            pager.feed([5, 10, 20], None)  # insertions before the anchor, every time
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(5, 5), ("500", 500), (" 7 ", 7), (500.0, 500), (5.5, None), (None, None), (True, None),
+     (-1, None), ("x", None), ([], None)],
+)  # fmt: skip
+def test_parse_total(value: object, expected: int | None) -> None:
+    assert parse_total(value) == expected
+
+
+# --- RetryPolicy ---------------------------------------------------------------
+
+
+def test_backoff_doubles_with_jitter_and_is_capped() -> None:
+    policy = RetryPolicy(max_tries=10, budget_seconds=1e9, initial_wait=1.0, jitter=lambda: 1.0)
+    assert [policy.wait(n, 0, None) for n in range(1, 11)] == [
+        1,
+        2,
+        4,
+        8,
+        16,
+        32,
+        64,
+        120,
+        120,
+        None,
+    ]
+    low = RetryPolicy(initial_wait=1.0, jitter=lambda: 0.0)
+    assert low.wait(3, 0, None) == 2.0  # half of 4
+
+
+def test_retry_after_overrides_backoff_but_is_capped() -> None:
+    policy = RetryPolicy(jitter=lambda: 0.5)
+    assert policy.wait(1, 0, 7.0) == 7.0
+    assert policy.wait(1, 0, 1000.0) == 120.0
+
+
+def test_budget_and_tries_bound_retries() -> None:
+    policy = RetryPolicy(max_tries=3, budget_seconds=10, initial_wait=4, jitter=lambda: 1.0)
+    assert policy.wait(1, 0, None) == 4
+    assert policy.wait(2, 4, None) is None  # 4 + 8 > 10
+    assert policy.wait(3, 0, 0.0) is None  # the third attempt was the last
+    message = policy.give_up_message(3, 4.0, "HTTP 503 for GET /x")
+    assert message == (
+        "gave up after 3 attempt(s) and 4.0 s of waiting (max_tries=3, max_retry_seconds=10): "
+        "HTTP 503 for GET /x"
+    )
+
+
+# --- PrefetchWindow --------------------------------------------------------------
+
+
+def test_window_returns_results_in_submission_order_and_discards() -> None:
+    def fetch(request: Request, cancel: threading.Event) -> int:
+        time.sleep(0.05 if request.start == 0 else 0)
+        return request.start
+
+    window: PrefetchWindow[int] = PrefetchWindow(fetch, 4)
+    for start in range(4):
+        window.submit(Request(start, 1))
+    assert [window.pop()[1] for _ in range(2)] == [0, 1]
+    window.discard()
+    assert len(window) == 0
+
+
+def test_window_threads_are_daemons_and_cancel_wakes_a_waiting_fetch() -> None:
+    woke = threading.Event()
+
+    def fetch(request: Request, cancel: threading.Event) -> int:
+        assert threading.current_thread().daemon
+        if cancel.wait(30):
+            woke.set()
+            raise Cancelled
+        return 0
+
+    window: PrefetchWindow[int] = PrefetchWindow(fetch, 2)
+    window.submit(Request(0, 1))
+    window.discard()
+    assert woke.wait(5)
+
+
+def test_window_hands_over_exceptions_and_halves_on_lower() -> None:
+    def fetch(request: Request, cancel: threading.Event) -> int:
+        raise ValueError("boom")
+
+    window: PrefetchWindow[int] = PrefetchWindow(fetch, 8)
+    window.submit(Request(0, 1))
+    with pytest.raises(ValueError, match="boom"):
+        window.pop()
+    assert [window.lower(), window.lower(), window.lower(), window.lower()] == [4, 2, 1, None]
