@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 import typing as t
 
 import pytest
 from helpers import config_for, run_cli
+from invoca_server import Faults
 
 if t.TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     from invoca_server import InvocaServer
@@ -161,3 +164,58 @@ def test_many_unknown_fields_are_reported_in_a_bounded_number_of_lines(
     counted = int(summary[0].split("Invoca sent ")[1].split()[0])
     assert len(listed) + counted == 200 + 2
     assert json.loads(run.stdout.splitlines()[0])["type"] == "SCHEMA"
+
+
+def wait_for_fraction(low: float, high: float) -> None:
+    """Sleep until the wall clock's fraction of a second is in [low, high)."""
+    while not low <= (time.time() % 1) < high:
+        time.sleep(0.005)
+
+
+def test_an_edit_in_the_syncs_first_second_comes_in_the_next_run(
+    tmp_path: Path, make_server: Callable[..., InvocaServer]
+) -> None:
+    server = make_server(2_000, faults=Faults(latency_ms=60))
+    early, late = server.ids()[10], server.ids()[1_900]
+
+    def edit(page: int) -> None:
+        now = dt.datetime.now(UTC).replace(microsecond=0)
+        if page == 1:  # read on page 1, edited right after, in the sync's first second
+            server.touch([early], now)
+        elif page == 17:  # read later, edited later: its updated_at is the newest seen
+            server.touch([late], now)
+
+    server.faults.on_list_page = edit
+    # Start 0.3 s into a second, so the first edit carries that second, which is
+    # earlier than the sync's start to the millisecond.
+    wait_for_fraction(0.3, 0.4)
+    run = run_cli(tmp_path, config_for(server, max_concurrency=1))
+    assert run.returncode == 0, run.stderr
+    server.faults.on_list_page = None
+    again = run_cli(tmp_path, config_for(server), state=run.states[-1])
+    assert again.returncode == 0, again.stderr
+    renamed = {r["id"]: r for r in again.records}
+    assert early in renamed, "the edit made during the sync was never emitted"
+    assert renamed[early]["requested_destination_name"] == f"Renamed {early}"
+
+
+def test_an_edit_on_a_lagging_invoca_clock_comes_in_the_next_run(
+    tmp_path: Path, make_server: Callable[..., InvocaServer]
+) -> None:
+    lag = dt.timedelta(seconds=30)
+    server = make_server(500, faults=Faults(clock_skew_seconds=-lag.total_seconds()))
+    early, late = server.ids()[3], server.ids()[450]
+    # Edited just before the sync on a host whose clock agrees with ours.
+    server.touch([late], dt.datetime.now(UTC).replace(microsecond=0) - dt.timedelta(seconds=2))
+
+    def edit(page: int) -> None:
+        if page == 2:  # Invoca stamps this edit with its own, lagging clock
+            server.touch([early], dt.datetime.now(UTC).replace(microsecond=0) - lag)
+
+    server.faults.on_list_page = edit
+    run = run_cli(tmp_path, config_for(server, max_concurrency=1))
+    assert run.returncode == 0, run.stderr
+    server.faults.on_list_page = None
+    again = run_cli(tmp_path, config_for(server), state=run.states[-1])
+    assert again.returncode == 0, again.stderr
+    assert early in {r["id"] for r in again.records}, "the edit on Invoca's clock was lost"
