@@ -94,9 +94,14 @@ class Pager:
     - not anchored (its first id is above the anchor, or it is empty at
       ``start > 0``): records before the offset were deleted, so step back one
       page and read again (at most ``MAX_STEP_BACKS`` times);
-    - anchored: emit the ids above the anchor. The list has ended when the page
-      holds fewer records than the server has shown it serves for that limit
-      (``min(limit, longest page seen)``), or is empty at ``start=0``.
+    - anchored: emit the ids above the anchor. The list has ended when a page
+      holds the anchor alone (nothing before it, nothing new after it) and fewer
+      records than the server has shown it serves for that limit
+      (``min(limit, longest page seen)``), or is empty at ``start=0``. Any other
+      short page proves nothing (a server may serve fewer than asked at any
+      time, and records inserted before the offset shift the anchor right): the
+      page from its last record on is read too, so a sync ends with a request
+      that finds only the anchor.
       ``recordsTotal`` never ends paging; it only stops speculative prefetches;
     - a full anchored page with nothing new, more than ``MAX_IDLE_PAGES`` times
       in a row, fails. While no page has held more than one record (a server
@@ -177,10 +182,12 @@ class Pager:
             self._idle = 0
             self.last_id = ids[-1]
             self.emitted += len(ids) - first_new
-        if (not ids and start == 0) or len(ids) < min(request.limit, self.longest):
+        short = len(ids) < min(request.limit, self.longest)
+        if (not ids and start == 0) or (short and ids == [self.last_id]):
             return self._finish(first_new)
-        # A server that honours `limit` fills the next (larger) requests too.
-        self.stride = self.limit if len(ids) == request.limit else len(ids)
+        if not short:
+            # A server that honours `limit` fills the next (larger) requests too.
+            self.stride = self.limit if len(ids) == request.limit else len(ids)
         if first_new == len(ids):
             self._idle_page(start, request.limit)
         if self._probe is None:

@@ -64,6 +64,9 @@ class Model:
     fixed_total: int = 100
     corrupt: str = ""  # "duplicate" or "unsorted" in one page
     corrupt_page: int = -1
+    # Serve fewer than asked, by a different amount each time (but the anchor and at
+    # least one more record, where there are more): "a server may return fewer".
+    short_pages: bool = False
     initial: set[int] = field(default_factory=set)
     ever: set[int] = field(default_factory=set)
     deleted: set[int] = field(default_factory=set)
@@ -87,12 +90,16 @@ class Model:
                 self.ids.append(fresh)
         self.ids.sort()
 
-    def serve(self, request: Request) -> tuple[list[int], object, bool]:
+    def serve(
+        self, request: Request, data: st.DataObject | None = None
+    ) -> tuple[list[int], object, bool]:
         start = 0 if self.ignore_start else request.start
         count = self.fixed_count or request.limit
         if self.cap:
             count = min(count, self.cap)
         page = self.ids[start : start + count]
+        if self.short_pages and data is not None and len(page) > 2:
+            page = page[: data.draw(st.integers(2, len(page)), label="short page")]
         corrupted = False
         if self.served == self.corrupt_page and len(page) >= 2:
             corrupted = True
@@ -127,7 +134,7 @@ def drive(
     def submit() -> None:
         for request in pager.plan(window):
             model.mutate(data, mutate)
-            pending.append((request, *model.serve(request)))
+            pending.append((request, *model.serve(request, data)))
 
     emitted: list[int] = []
     submit()
@@ -167,6 +174,7 @@ def models(draw: st.DrawFn, *, hostile: bool) -> Model:
         fixed_count=draw(st.sampled_from([0, 0, 0, 0, 2, 5, 40])),
         total_mode=draw(st.sampled_from(TOTAL_MODES)),
         fixed_total=draw(st.integers(0, 80)),
+        short_pages=draw(st.booleans(), label="short pages"),
     )
     if hostile:
         if rarely(draw, "one record per page"):
@@ -243,11 +251,27 @@ def run_script(
     return emitted, asked
 
 
-def test_a_partial_last_page_ends_without_an_extra_request() -> None:
+def test_a_partial_last_page_is_confirmed_by_one_more_request() -> None:
+    # A short page proves nothing by itself: a server may serve fewer than asked.
     emitted, asked = run_script(list(range(250)), 100)
     assert emitted == list(range(250))
-    assert [r.start for r in asked] == [0, 99, 199]
-    assert [r.limit for r in asked] == [100, 101, 101]
+    assert [r.start for r in asked] == [0, 99, 199, 249]
+    assert [r.limit for r in asked] == [100, 101, 101, 101]
+
+
+def test_a_page_shorter_than_before_does_not_end_the_list() -> None:
+    # 100 records, then 60 of the 101 asked for, then full pages again.
+    ids = list(range(300))
+    pager = Pager(100)
+    emitted: list[int] = []
+    served = 0
+    while not pager.done:
+        for request in pager.plan(1):
+            count = 60 if served == 1 else request.limit
+            page = ids[request.start : request.start + count]
+            served += 1
+            emitted += page[pager.feed(page, 300).emit_from :]
+    assert emitted == ids
 
 
 def test_an_exactly_full_last_page_costs_one_extra_request() -> None:

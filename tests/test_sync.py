@@ -84,7 +84,7 @@ def test_limit_and_start_sent_follow_page_size(server: InvocaServer) -> None:
 @pytest.mark.parametrize(
     ("count", "proof"),
     [
-        (950, []),  # the page at 899 is short: it proves the end
+        (950, [949]),  # the page at 899 is short but new: the page after it proves the end
         (1000, [999]),  # the page at 899 is full: one more request proves the end
     ],
 )
