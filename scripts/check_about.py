@@ -1,18 +1,20 @@
-"""Check that meltano.yml loads and declares the extractor as `--about` reports it.
+"""Check that meltano.yml and the README describe the tap as `--about` reports it.
 
 - meltano.yml is valid YAML and defines the `tap-invoca-destinations` extractor;
 - every capability it declares is one that `tap-invoca-destinations --about` reports;
 - it declares every setting of the tap's own (the SDK's built-in settings may be
   left out), and no setting that `--about` does not know;
 - boolean and integer settings have the matching `kind`, and the secret ones are
-  `sensitive: true`.
+  `sensitive: true`;
+- the README's Capabilities section lists exactly the capabilities `--about` reports.
 
-Run by scripts/test and by the pre-commit hook. Exit 1 with one line per problem.
+Run by scripts/test (through pre-commit) and by the pre-commit hook. Exit 1 with one line per problem.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -51,8 +53,15 @@ def _types(schema: dict) -> set[str]:
     return types - {"null"}
 
 
+def _readme_capabilities() -> set[str]:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Capabilities\n", 1)[-1].split("\n## ", 1)[0]
+    bullets = [line for line in section.splitlines() if line.startswith("- `")]
+    return {name for line in bullets for name in re.findall(r"`([a-z-]+)`", line.split(":")[0])}
+
+
 def main() -> int:
-    """Compare meltano.yml with `--about`; print the problems and return the exit code."""
+    """Compare meltano.yml and README.md with `--about`; print problems, return the exit code."""
     project = yaml.safe_load((ROOT / "meltano.yml").read_text(encoding="utf-8"))
     extractors = (project.get("plugins") or {}).get("extractors") or []
     entry = next((e for e in extractors if e.get("name") == NAME), None)
@@ -84,9 +93,20 @@ def main() -> int:
         if schema.get("secret") and not setting.get("sensitive"):
             problems.append(f"setting {name!r} is secret but not `sensitive: true`")
 
-    for problem in problems:
-        print(f"meltano.yml: {problem}")
-    return 1 if problems else 0
+    messages = [f"meltano.yml: {problem}" for problem in problems]
+    listed = _readme_capabilities()
+    reported = set(about["capabilities"])
+    messages += [
+        f"README.md: Capabilities lists {c!r}, which --about does not report"
+        for c in sorted(listed - reported)
+    ]
+    messages += [
+        f"README.md: Capabilities misses {c!r}, which --about reports"
+        for c in sorted(reported - listed)
+    ]
+    for message in messages:
+        print(message)
+    return 1 if messages else 0
 
 
 if __name__ == "__main__":
