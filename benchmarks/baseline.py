@@ -26,14 +26,14 @@ def normalise(value: str | None) -> str | None:
     if value is None:
         return None
     moment = dt.datetime.strptime(value, "%Y-%m-%d %H:%M:%S %z")
-    return moment.astimezone(dt.timezone.utc).isoformat()
+    return moment.astimezone(dt.UTC).isoformat()
 
 
 def normalise_tuned(value: str | None) -> str | None:
     if value is None:
         return None
     iso = f"{value[:10]}T{value[11:19]}{value[20:23]}:{value[23:]}"
-    return dt.datetime.fromisoformat(iso).astimezone(dt.timezone.utc).isoformat()
+    return dt.datetime.fromisoformat(iso).astimezone(dt.UTC).isoformat()
 
 
 def main() -> None:

@@ -146,7 +146,7 @@ def server_date(reply: Reply) -> dt.datetime | None:
         return None
     if when.tzinfo is None:
         return None
-    return when.astimezone(dt.timezone.utc)
+    return when.astimezone(dt.UTC)
 
 
 def is_loopback(url: str) -> bool:

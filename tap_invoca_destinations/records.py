@@ -135,7 +135,7 @@ def parse_instant(value: str) -> dt.datetime:
     ):
         local = dt.datetime.fromisoformat(value[:19])
         if local.tzinfo is None:
-            return (local - _utc_offset(value[20:])).replace(tzinfo=dt.timezone.utc)
+            return (local - _utc_offset(value[20:])).replace(tzinfo=dt.UTC)
     msg = f"not a date-time: {value!r}"
     if not _ISO_FORM.match(value):
         raise ValueError(msg)
@@ -147,8 +147,8 @@ def parse_instant(value: str) -> dt.datetime:
     if not isinstance(parsed, pendulum.DateTime):  # pragma: no cover - the regex allows no other
         raise ValueError(msg)  # noqa: TRY004 - callers catch ValueError
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.timezone.utc)
-    return parsed.astimezone(dt.timezone.utc)
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.astimezone(dt.UTC)
 
 
 def to_rfc3339_utc(value: str) -> str:

@@ -76,7 +76,7 @@ class DestinationsStream(InvocaStream):
         self.unknown_fields_seen: set[str] = set()
         self._unlisted_drift: set[str] = set()
         self._newest_updated_at: str | None = None
-        self._sync_started_at = dt.datetime.now(dt.timezone.utc)
+        self._sync_started_at = dt.datetime.now(dt.UTC)
         self._discarded_future_bookmark = False
 
     @property
@@ -104,10 +104,10 @@ class DestinationsStream(InvocaStream):
     def get_records(self, context: Context | None) -> Iterator[dict[str, t.Any]]:
         network_id = str(self.config["network_id"])
         only_tracked = not self.config.get("include_inactive", True)
-        self._sync_started_at = dt.datetime.now(dt.timezone.utc)
+        self._sync_started_at = dt.datetime.now(dt.UTC)
         since = self._starting_updated_at(context)
         for raw_records in self.iter_pages():
-            self.time_extracted = dt.datetime.now(dt.timezone.utc).isoformat()
+            self.time_extracted = dt.datetime.now(dt.UTC).isoformat()
             for raw in raw_records:
                 drift = unknown_fields(raw)
                 if drift and not drift <= self.unknown_fields_seen:
@@ -214,4 +214,4 @@ class DestinationsStream(InvocaStream):
 
 
 def _utc_text(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.timezone.utc).isoformat()
+    return moment.astimezone(dt.UTC).isoformat()

@@ -67,7 +67,7 @@ def _parse(stdout: str) -> list[dict[str, t.Any]]:
     return [json.loads(line) for line in stdout.splitlines() if line.strip()]
 
 
-def run_cli(
+def run_cli(  # noqa: PLR0913 - one argument per CLI option
     tmp_path: Path,
     config: dict[str, t.Any] | None,
     *args: str,

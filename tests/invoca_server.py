@@ -1,6 +1,6 @@
 """A local, Invoca-compatible Destinations API for tests, the demo and benchmarks.
 
-Faithful to ``shared/INVOCA_API.md``: list and detail endpoints, the
+Faithful to ``docs/invoca_api.md``: list and detail endpoints, the
 ``{"data", "requestId", "recordsTotal"}`` envelope, ``Authorization`` header auth
 (401 otherwise), ``limit``/``start``/``status``/``include_inactive``/``query``/
 ``sort_by``/``sort_dir``, Invoca's timestamp format and its quirks (numeric
@@ -27,20 +27,14 @@ import datetime as dt
 import email.utils
 import json
 import socket
-import sys
 import threading
 import time
 import typing as t
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
 from urllib.parse import parse_qs, urlparse
 
-if sys.version_info >= (3, 11):
-    from typing import Self
-else:  # pragma: no cover
-    from typing_extensions import Self
-
-
-UTC = dt.timezone.utc
+UTC = dt.UTC
 NETWORK_ID = "1234"
 API_VERSION = "2022-08-01"
 DEFAULT_TOKEN = "local-test-token"  # noqa: S105 - a placeholder for the local server
@@ -285,6 +279,14 @@ class InvocaServer:
                 if status is None or d.status == status
             ]
 
+    def raw_destination(self, dest_id: int) -> bytes | None:
+        """The bytes sent for one destination, or None if it does not exist."""
+        return self._bytes.get(dest_id)
+
+    def serve_forever(self) -> None:
+        """Serve in the calling thread until interrupted."""
+        self._httpd.serve_forever()
+
     def wire_record(self, dest_id: int) -> dict[str, t.Any]:
         """The raw JSON Invoca sends for one destination."""
         return json.loads(self._bytes[dest_id])
@@ -331,7 +333,8 @@ class InvocaServer:
                 self.inserted_ids.add(dest_id)
             return new_ids
 
-    def _mutate(self) -> None:
+    def mutate_now(self) -> None:
+        """Apply the configured deletions and insertions (``Faults.delete_count``, ...)."""
         faults = self.faults
         ids = self.ids()
         if faults.delete_count:
@@ -573,7 +576,7 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
                     server.stats.list_pages += 1
                     pages = server.stats.list_pages
                 if faults.mutate_after_page and pages == faults.mutate_after_page:
-                    server._mutate()
+                    server.mutate_now()
                 if faults.on_list_page is not None:
                     faults.on_list_page(pages)
                 return
@@ -581,7 +584,7 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
                 raw_id = url.path[len(prefix) + 1 : -len(".json")]
                 dest_id = int(raw_id) if raw_id.isdigit() else -1
                 with server.lock:
-                    found = server._bytes.get(dest_id)
+                    found = server.raw_destination(dest_id)
                 if found is None:
                     self._error(404, {"invalid_data": "not found", "class": "RecordNotFound"})
                 else:
@@ -629,7 +632,7 @@ def main() -> None:
     server = InvocaServer(args.count, token=args.token, port=args.port, faults=faults)
     print(f"Invoca-compatible server on {server.url} ({args.count} destinations)", flush=True)
     try:
-        server._httpd.serve_forever()
+        server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:

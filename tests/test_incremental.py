@@ -1,4 +1,4 @@
-"""Incremental safety: the bookmark never passes an unseen change; bad state and values end clearly."""
+"""Incremental safety: the bookmark never passes an unseen change; bad state ends clearly."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ if t.TYPE_CHECKING:
 
     from invoca_server import InvocaServer
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 def bookmark_of(state: dict[str, t.Any]) -> str | None:

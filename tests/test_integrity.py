@@ -23,8 +23,8 @@ def check_exactly_once(server: InvocaServer, initial: list[int], emitted: list[i
     assert set(emitted) <= set(initial) | server.inserted_ids
 
 
+# Each case: page_size, mutate_after_page, delete_count, delete_from, insert_count, insert_at.
 CASES = [
-    # (page_size, mutate_after_page, delete_count, delete_from, insert_count, insert_at)
     (7, 1, 1, "front", 0, "end"),
     (7, 3, 5, "front", 0, "end"),
     (25, 2, 30, "front", 0, "end"),
@@ -39,20 +39,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("page_size", "after", "deletes", "delete_from", "inserts", "insert_at"), CASES
-)
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("concurrency", [1, 4])
 def test_changes_mid_sync_lose_nothing_and_repeat_nothing(
     make_server: Callable[..., InvocaServer],
-    page_size: int,
-    after: int,
-    deletes: int,
-    delete_from: str,
-    inserts: int,
-    insert_at: str,
+    case: tuple[int, int, int, str, int, str],
     concurrency: int,
 ) -> None:
+    page_size, after, deletes, delete_from, inserts, insert_at = case
     faults = Faults(
         mutate_after_page=after,
         delete_count=deletes,

@@ -22,7 +22,7 @@ import typing as t
 from pathlib import Path
 
 import pytest
-import yaml  # type: ignore[import-untyped]  # PyYAML comes with meltano; no stubs locked
+import yaml  # PyYAML comes with meltano; no stubs locked
 from helpers import ROOT, clean_env
 from invoca_server import Faults, InvocaServer
 
@@ -68,7 +68,7 @@ def installed() -> None:
 
 
 @pytest.fixture
-def pipeline(installed: None, server: InvocaServer, tmp_path: Path) -> dict[str, str]:
+def pipeline(installed: None, server: InvocaServer, tmp_path: Path) -> dict[str, str]:  # noqa: ARG001 - installs first
     """Environment for `meltano run` against this test's server, writing under tmp_path."""
     return {
         **clean_env(),
@@ -99,7 +99,7 @@ def emitted_count(result: subprocess.CompletedProcess[str]) -> int:
 
 
 def utc(value: str | None) -> dt.datetime | None:
-    return None if value is None else dt.datetime.fromisoformat(value).astimezone(dt.timezone.utc)
+    return None if value is None else dt.datetime.fromisoformat(value).astimezone(dt.UTC)
 
 
 def naive_utc(value: str | None) -> dt.datetime | None:
@@ -110,7 +110,7 @@ def naive_utc(value: str | None) -> dt.datetime | None:
 # --- files -----------------------------------------------------------------------------
 
 
-def from_csv(column: str, text: str) -> t.Any:
+def from_csv(column: str, text: str) -> object:
     """Read back one CSV cell by the column's type (CSV cannot tell "" from null)."""
     kind = COLUMNS[column]
     if text == "":
@@ -146,9 +146,8 @@ def test_csv_rows_equal_the_servers_destinations(
     assert_csv_matches(tmp_path / "csv" / "destinations.csv", server.expected_records())
 
 
-def test_readme_demo_command_leaves_the_servers_destinations_in_csv_and_duckdb(
-    installed: None,
-) -> None:
+@pytest.mark.usefixtures("installed")
+def test_readme_demo_command_leaves_the_servers_destinations_in_csv_and_duckdb() -> None:
     import duckdb  # noqa: PLC0415
 
     env = {**clean_env(), "DEMO_PORT": str(_free_port()), "DEMO_DESTINATIONS": "300"}
@@ -191,7 +190,7 @@ def test_jsonl_records_equal_the_servers_destinations(
 
 def touch_some(server: InvocaServer) -> tuple[set[int], dt.datetime]:
     changed = set(server.ids()[5:12])
-    when = dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    when = dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
     server.touch(changed, when)
     return changed, when
 
@@ -217,14 +216,16 @@ def test_duckdb_types_values_and_incremental_upsert(
     with duckdb.connect(path, read_only=True) as db:
         types = dict(
             db.execute(
-                "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema='invoca' AND table_name='destinations'"
+                "SELECT column_name, data_type FROM information_schema.columns "
+                "WHERE table_schema='invoca' AND table_name='destinations'"
             ).fetchall()
         )
         keys = db.execute(
-            "SELECT constraint_column_names FROM duckdb_constraints() WHERE table_name='destinations' AND constraint_type='PRIMARY KEY'"
+            "SELECT constraint_column_names FROM duckdb_constraints() "
+            "WHERE table_name='destinations' AND constraint_type='PRIMARY KEY'"
         ).fetchall()
         rows = db.execute(
-            f"SELECT {', '.join(COLUMNS)} FROM invoca.destinations ORDER BY id"
+            f"SELECT {', '.join(COLUMNS)} FROM invoca.destinations ORDER BY id"  # noqa: S608 - our columns
         ).fetchall()
     assert set(COLUMNS) <= set(types)
     assert types["id"] in {"BIGINT", "HUGEINT", "INTEGER"}
@@ -253,9 +254,12 @@ def test_duckdb_types_values_and_incremental_upsert(
     assert changed <= expected_second_run(server, bookmark)
     with duckdb.connect(path, read_only=True) as db:
         count, renamed = db.execute(  # type: ignore[misc]
-            "SELECT count(*), count(*) FILTER (WHERE requested_destination_name LIKE 'Renamed %') FROM invoca.destinations"
+            "SELECT count(*), count(*) FILTER "
+            "(WHERE requested_destination_name LIKE 'Renamed %') FROM invoca.destinations"
         ).fetchone()
-        latest = db.execute("SELECT max(updated_at) FROM invoca.destinations").fetchone()[0]  # type: ignore[index]
+        latest = db.execute(  # type: ignore[index]
+            "SELECT max(updated_at) FROM invoca.destinations"
+        ).fetchone()[0]
     assert (count, renamed) == (250, len(changed))
     assert latest == when.replace(tzinfo=None)
 
@@ -351,7 +355,8 @@ def test_postgres_types_values_and_incremental_upsert(
         postgres,
         "SELECT kcu.column_name FROM information_schema.table_constraints tc "
         "JOIN information_schema.key_column_usage kcu USING (constraint_schema, constraint_name) "
-        "WHERE tc.table_schema='invoca' AND tc.table_name='destinations' AND tc.constraint_type='PRIMARY KEY'",
+        "WHERE tc.table_schema='invoca' AND tc.table_name='destinations' "
+        "AND tc.constraint_type='PRIMARY KEY'",
     )
     assert sorted(k[0] for k in keys) == sorted(KEY)
     for column, kind in COLUMNS.items():
@@ -368,7 +373,7 @@ def test_postgres_types_values_and_incremental_upsert(
     select = ", ".join(
         epoch_sql(c, types[c]) if COLUMNS[c] == TIMESTAMP else f"{c}::text" for c in COLUMNS
     )
-    rows = psql(postgres, f"SELECT {select} FROM invoca.destinations ORDER BY id")
+    rows = psql(postgres, f"SELECT {select} FROM invoca.destinations ORDER BY id")  # noqa: S608
     assert len(rows) == 250
     for row, want in zip(rows, server.expected_records(), strict=True):
         for column, text in zip(COLUMNS, row, strict=True):
@@ -389,10 +394,11 @@ def test_postgres_types_values_and_incremental_upsert(
     changed, when = touch_some(server)
     second = meltano(env, "run", INCREMENTAL, "target-postgres")
     assert emitted_count(second) == len(expected_second_run(server, bookmark))
+    latest_sql = epoch_sql("updated_at", types["updated_at"])
     [[count, renamed, latest]] = psql(
         postgres,
-        "SELECT count(*), count(*) FILTER (WHERE requested_destination_name LIKE 'Renamed %'), "
-        f"max({epoch_sql('updated_at', types['updated_at'])}) FROM invoca.destinations",
+        "SELECT count(*), count(*) FILTER (WHERE requested_destination_name LIKE 'Renamed %'), "  # noqa: S608
+        f"max({latest_sql}) FROM invoca.destinations",
     )
     assert (int(count), int(renamed)) == (250, len(changed))
     assert int(latest) == int(when.timestamp())
@@ -419,7 +425,7 @@ def test_csv_pipeline_holds_every_current_destination_run_after_run(
 
 
 @pytest.fixture
-def project(installed: None, tmp_path: Path) -> Path:
+def project(installed: None, tmp_path: Path) -> Path:  # noqa: ARG001 - installs first
     """A copy of this Meltano project that shares the installed plugins."""
     root = tmp_path / "project"
     (root / "output" / "csv").mkdir(parents=True)
@@ -545,7 +551,7 @@ def pg_rows(port: int, schema: str) -> dict[tuple[str, int], bool]:
     """(network_id, id) -> whether the row is flagged deleted."""
     rows = psql(
         port,
-        f"SELECT network_id, id, _sdc_deleted_at IS NOT NULL FROM {schema}.destinations",
+        f"SELECT network_id, id, _sdc_deleted_at IS NOT NULL FROM {schema}.destinations",  # noqa: S608
     )
     return {(n, int(i)): flagged == "t" for n, i, flagged in rows}
 

@@ -13,7 +13,7 @@ import typing as t
 from pathlib import Path
 
 import pytest
-import yaml  # type: ignore[import-untyped]  # PyYAML comes with meltano; no stubs locked
+import yaml  # PyYAML comes with meltano; no stubs locked
 from helpers import ROOT, clean_env
 
 # Meltano's allowed extractor capabilities; the SDK reports the same names.
@@ -51,7 +51,7 @@ def expected_kind(schema: dict[str, t.Any]) -> str:
 @pytest.fixture(scope="module")
 def about() -> dict[str, t.Any]:
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "tap-invoca-destinations"), "--about", "--format", "json"],
+        [str(Path(sys.executable).parent / "tap-invoca-destinations"), "--about", "--format=json"],
         capture_output=True, text=True, check=True, timeout=60, env=clean_env(),
     )  # fmt: skip
     return json.loads(result.stdout)

@@ -76,7 +76,7 @@ class Model:
         self.initial = set(self.ids)
         self.ever = set(self.ids)
 
-    def mutate(self, data: st.DataObject, allowed: bool) -> None:
+    def mutate(self, data: st.DataObject, *, allowed: bool) -> None:
         if not allowed or not data.draw(st.booleans(), label="mutate now"):
             return
         for _ in range(data.draw(st.integers(0, 3), label="deletions")):
@@ -133,7 +133,7 @@ def drive(
 
     def submit() -> None:
         for request in pager.plan(window):
-            model.mutate(data, mutate)
+            model.mutate(data, allowed=mutate)
             pending.append((request, *model.serve(request, data)))
 
     emitted: list[int] = []
@@ -147,7 +147,8 @@ def drive(
         if corrupted:
             with pytest.raises(PagingError):
                 pager.feed(ids, total)
-            raise PagingError("corrupt page refused")
+            msg = "corrupt page refused"
+            raise PagingError(msg)
         step = pager.feed(ids, total)
         if step.discard:
             pending.clear()
@@ -155,7 +156,7 @@ def drive(
         emitted += ids[step.emit_from :]
         submit()
     assert pager.done
-    model.mutate(data, mutate)
+    model.mutate(data, allowed=mutate)
     return emitted
 
 
@@ -409,7 +410,7 @@ def test_budget_and_tries_bound_retries() -> None:
 
 
 def test_window_returns_results_in_submission_order_and_discards() -> None:
-    def fetch(request: Request, cancel: threading.Event) -> int:
+    def fetch(request: Request, _cancel: threading.Event) -> int:
         time.sleep(0.05 if request.start == 0 else 0)
         return request.start
 
@@ -424,7 +425,7 @@ def test_window_returns_results_in_submission_order_and_discards() -> None:
 def test_window_threads_are_daemons_and_cancel_wakes_a_waiting_fetch() -> None:
     woke = threading.Event()
 
-    def fetch(request: Request, cancel: threading.Event) -> int:
+    def fetch(_request: Request, cancel: threading.Event) -> int:
         assert threading.current_thread().daemon
         if cancel.wait(30):
             woke.set()
@@ -438,8 +439,9 @@ def test_window_threads_are_daemons_and_cancel_wakes_a_waiting_fetch() -> None:
 
 
 def test_window_hands_over_exceptions_and_halves_on_lower() -> None:
-    def fetch(request: Request, cancel: threading.Event) -> int:
-        raise ValueError("boom")
+    def fetch(_request: Request, _cancel: threading.Event) -> int:
+        msg = "boom"
+        raise ValueError(msg)
 
     window: PrefetchWindow[int] = PrefetchWindow(fetch, 8)
     window.submit(Request(0, 1))

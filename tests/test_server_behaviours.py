@@ -17,7 +17,7 @@ import time
 import typing as t
 
 import pytest
-from helpers import config_for, run_cli, run_in_process
+from helpers import TapRun, config_for, run_cli, run_in_process
 from invoca_server import Faults, InvocaServer
 from test_failures import assert_clean_failure
 
@@ -31,7 +31,7 @@ if t.TYPE_CHECKING:
 Factory = t.Callable[..., InvocaServer]
 
 
-def ids_of(run: t.Any) -> list[int]:
+def ids_of(run: TapRun) -> list[int]:
     return [r["id"] for r in run.records]
 
 
@@ -334,7 +334,7 @@ def test_server_date_at_start_is_the_first_response_date(make_server: Factory) -
     server = make_server(300, faults=Faults(clock_skew_seconds=-3600))
     tap = TapInvocaDestinations(config=config_for(server))
     stream = t.cast("InvocaStream", tap.streams["destinations"])
-    before = dt.datetime.now(dt.timezone.utc)
+    before = dt.datetime.now(dt.UTC)
     assert sum(len(page) for page in stream.iter_pages()) == 300
     got = stream.server_date_at_start
     assert got is not None

@@ -79,6 +79,7 @@ def check_whole_lines_once(out: bytes, server: InvocaServer) -> list[dict[str, t
 def test_signal_mid_sync_with_a_slow_target(
     tmp_path: Path,
     make_server: Callable[..., InvocaServer],
+    *,
     signum: int,
     code: int,
     unbuffered: bool,

@@ -46,7 +46,7 @@ def test_every_record_validates_against_the_schema_message(server: InvocaServer)
 
 
 def test_quirks_are_present_in_the_served_data(server: InvocaServer) -> None:
-    # Guard against the fake server drifting away from INVOCA_API.md's quirks.
+    # Guard against the fake server drifting away from the quirks in docs/invoca_api.md.
     wire = [server.wire_record(i) for i in server.ids()]
     assert any(isinstance(w["id"], str) for w in wire)
     assert any("dynamic_number_pool" not in w for w in wire)
@@ -119,7 +119,7 @@ def test_include_inactive_false_drops_records_without_ringpool_whatever_the_serv
     server: InvocaServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # An API version that ignores both parameters: the tap must still filter.
-    original = server._listing
+    original = server._listing  # noqa: SLF001 - stands in for an API version
 
     def ignoring_filters(query: dict[str, str]) -> list[int]:
         return original({k: v for k, v in query.items() if k not in {"status", "include_inactive"}})
@@ -194,7 +194,7 @@ def test_incremental_round_trip(server: InvocaServer) -> None:
         for r in third.records
         if r["id"] in changed
     )
-    assert _bookmark(third.states) == later.astimezone(dt.timezone.utc).isoformat()
+    assert _bookmark(third.states) == later.astimezone(dt.UTC).isoformat()
 
 
 def test_start_date_is_an_inclusive_lower_bound(server: InvocaServer) -> None:
