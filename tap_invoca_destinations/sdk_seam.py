@@ -11,6 +11,7 @@ SDK's own.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import typing as t
@@ -97,6 +98,10 @@ class SeamTap(Tap):
         return []
 
 
+def _drop_sdk_unhandled_error_line(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("An unhandled error occurred while syncing")
+
+
 class SeamStream(RESTStream[int]):
     """Stream base: the fast record path, bookmark hand-over and mirror-mode ordering.
 
@@ -109,6 +114,9 @@ class SeamStream(RESTStream[int]):
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
         """Initialise the stream and the seam's own state."""
         super().__init__(*args, **kwargs)
+        # Stream.sync logs its own ERROR line before re-raising; the tap reports
+        # every failure in one line of its own (TapInvocaDestinations.invoke).
+        self.logger.addFilter(_drop_sdk_unhandled_error_line)
         self._direct_write: bool | None = None
         self._deferred_version: int | None = None
         self.time_extracted = ""  # RFC 3339; set by the stream per page

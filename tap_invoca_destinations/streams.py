@@ -33,7 +33,6 @@ if t.TYPE_CHECKING:
 
 
 BOOKMARK_MARGIN = dt.timedelta(seconds=5)  # clock and rounding slack below the sync's start
-FUTURE_TOLERANCE = dt.timedelta(minutes=5)  # a state bookmark later than now by more is refused
 MAX_DRIFT_NAMES_LISTED = 20  # unknown field names named in warnings per run; the rest are counted
 
 _SCHEMA_TYPES: dict[str, type[th.JSONTypeHelper[t.Any]]] = {
@@ -77,7 +76,7 @@ class DestinationsStream(InvocaStream):
         self._unlisted_drift: set[str] = set()
         self._newest_updated_at: str | None = None
         self._sync_started_at = dt.datetime.now(dt.UTC)
-        self._discarded_future_bookmark = False
+        self._starting_bookmark: str | None = None  # the state's, normalised to UTC
 
     @property
     @override
@@ -158,8 +157,10 @@ class DestinationsStream(InvocaStream):
         newest = self._newest_updated_at
         if newest is not None:
             self.commit_bookmark(min(newest, ceiling))
-        elif self._discarded_future_bookmark:
-            self.commit_bookmark(ceiling)  # the whole list was read: nothing older is unseen
+        elif self._starting_bookmark is not None and self._starting_bookmark > ceiling:
+            # Nothing newer was seen, but the state's bookmark may not stand: the
+            # whole list was read, so nothing older than the ceiling is unseen.
+            self.commit_bookmark(ceiling)
 
     def _starting_updated_at(self, context: Context | None) -> str | None:
         """The inclusive lower bound on updated_at, as an RFC 3339 UTC string.
@@ -187,8 +188,8 @@ class DestinationsStream(InvocaStream):
                 f"a timestamp: {bookmark!r}"
             )
             raise InvocaError(msg) from None
-        if moment > self._sync_started_at + FUTURE_TOLERANCE:
-            self._discarded_future_bookmark = True
+        self._starting_bookmark = _utc_text(moment)
+        if moment > self._sync_started_at:
             self.logger.warning(
                 "The state's bookmark %s is in the future (now: %s); ignoring it, so this "
                 "run reads every destination%s",

@@ -6,7 +6,6 @@ import atexit
 import contextlib
 import gc
 import io
-import ipaddress
 import json
 import logging
 import os
@@ -19,7 +18,12 @@ from jsonschema import Draft7Validator
 from singer_sdk import typing as th
 from singer_sdk.exceptions import ConfigValidationError
 
-from tap_invoca_destinations.client import DEFAULT_API_VERSION, DEFAULT_BASE_URL, InvocaError
+from tap_invoca_destinations.client import (
+    DEFAULT_API_VERSION,
+    DEFAULT_BASE_URL,
+    InvocaError,
+    is_loopback,
+)
 from tap_invoca_destinations.output import OutputClosed, SyncInterrupted
 from tap_invoca_destinations.records import parse_instant
 from tap_invoca_destinations.sdk_seam import SeamTap
@@ -78,15 +82,6 @@ def redact_in_logs(secret: str) -> None:
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, RedactSecret) and f.secret == secret for f in handler.filters):
             handler.addFilter(RedactSecret(secret))
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class TapInvocaDestinations(SeamTap):
@@ -266,7 +261,7 @@ class TapInvocaDestinations(SeamTap):
             host = parsed.hostname or ""
             if parsed.scheme not in {"http", "https"} or not host:
                 errors.append(f"base_url: must be an https:// URL with a host, got {base_url!r}")
-            elif parsed.scheme == "http" and not _is_loopback(host):
+            elif parsed.scheme == "http" and not is_loopback(base_url):
                 errors.append(
                     "base_url: plain http is refused for non-loopback hosts (the token "
                     "would travel in clear text); use https://",

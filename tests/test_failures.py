@@ -35,6 +35,8 @@ def assert_clean_failure(run: TapRun, *needles: str, debug: bool = False) -> Non
         assert "Traceback" not in run.stderr
     errors = [line for line in run.stderr.splitlines() if "Sync failed" in line]
     assert len(errors) == 1, run.stderr
+    if not debug:  # the failure is the only ERROR line
+        assert [line for line in run.stderr.splitlines() if "| ERROR" in line] == errors
     for needle in needles:
         assert needle in errors[0], (needle, errors[0])
 

@@ -36,6 +36,7 @@ def one_line_failure(stderr: str) -> str:
     assert "Traceback" not in stderr
     errors = [line for line in stderr.splitlines() if "Sync failed" in line]
     assert len(errors) == 1, stderr
+    assert [line for line in stderr.splitlines() if "| ERROR" in line] == errors
     return errors[0]
 
 
@@ -219,3 +220,31 @@ def test_an_edit_on_a_lagging_invoca_clock_comes_in_the_next_run(
     again = run_cli(tmp_path, config_for(server), state=run.states[-1])
     assert again.returncode == 0, again.stderr
     assert early in {r["id"] for r in again.records}, "the edit on Invoca's clock was lost"
+
+
+@pytest.mark.parametrize("ahead", [dt.timedelta(minutes=4), dt.timedelta(seconds=2)])
+def test_a_bookmark_just_ahead_of_now_is_not_carried_forward(
+    tmp_path: Path, server: InvocaServer, ahead: dt.timedelta
+) -> None:
+    began = dt.datetime.now(UTC)
+    near = (began + ahead).replace(microsecond=0).isoformat()
+    run = run_cli(tmp_path, config_for(server), state=state_with(near))
+    assert run.returncode == 0, run.stderr
+    assert len(run.records) == 250
+    final = bookmark_of(run.states[-1])
+    assert final is not None
+    assert dt.datetime.fromisoformat(final) < began
+
+
+def test_a_bookmark_above_the_ceiling_is_lowered_even_when_nothing_is_newer(
+    tmp_path: Path, server: InvocaServer
+) -> None:
+    # Just below now: trusted as the lower bound, so no record reaches it, but it
+    # is above this sync's ceiling and may not stand.
+    began = dt.datetime.now(UTC).replace(microsecond=0)
+    recent = (began - dt.timedelta(seconds=1)).isoformat()
+    run = run_cli(tmp_path, config_for(server), state=state_with(recent))
+    assert run.returncode == 0, run.stderr
+    final = bookmark_of(run.states[-1])
+    assert final is not None
+    assert final < recent
