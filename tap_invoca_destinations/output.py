@@ -64,10 +64,12 @@ class BufferedSingerWriter(GenericSingerWriter[bytes, Message]):
     every byte is out: with ``PYTHONUNBUFFERED=1`` stdout is a raw file whose
     writes may be partial. A stop signal that arrives while a block is being
     written is held until the block is complete (see ``interrupt``), so stdout
-    never holds half a line or a line twice.
+    never holds half a line or a line twice, unless the target stops reading
+    altogether: then the write is abandoned after ``STOP_GRACE_SECONDS``.
     """
 
     BLOCK_BYTES = 64 * 1024
+    STOP_GRACE_SECONDS = 5.0  # how long a held stop waits for a target that has stopped reading
 
     def __init__(self) -> None:
         """Create the encoder and the output buffer."""
@@ -123,6 +125,10 @@ class BufferedSingerWriter(GenericSingerWriter[bytes, Message]):
             _silence_stdout()
             msg = "stdout was closed by its reader (the target stopped)"
             raise OutputClosed(msg) from None
+        except SyncInterrupted:
+            self._closed = True  # the write was abandoned: nothing more may follow it
+            self._pending.clear()
+            raise
         finally:
             self._writing = False
         self._raise_held_signal()
@@ -154,12 +160,21 @@ class BufferedSingerWriter(GenericSingerWriter[bytes, Message]):
         """
         if self._writing:
             self._held_signal = signum
+            # A target that has stopped reading would hold the write, and so the
+            # stop, forever: give it STOP_GRACE_SECONDS, then abandon the write.
+            signal.signal(signal.SIGALRM, self._abandon_write)
+            signal.setitimer(signal.ITIMER_REAL, self.STOP_GRACE_SECONDS)
             return
         raise SyncInterrupted(signum)
+
+    def _abandon_write(self, _alarm: int, _frame: object) -> None:
+        signum, self._held_signal = self._held_signal, None
+        raise SyncInterrupted(signum or signal.SIGTERM)
 
     def _raise_held_signal(self) -> None:
         signum, self._held_signal = self._held_signal, None
         if signum is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
             raise SyncInterrupted(signum)
 
 

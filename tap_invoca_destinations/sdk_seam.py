@@ -11,7 +11,6 @@ SDK's own.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
 import typing as t
@@ -31,6 +30,7 @@ else:  # pragma: no cover
     from typing_extensions import override
 
 if t.TYPE_CHECKING:
+    import logging
     from types import FrameType
 
     from singer_sdk.helpers._batch import BatchConfig

@@ -14,6 +14,8 @@ import pytest
 from helpers import clean_env, config_for
 from invoca_server import Faults, InvocaServer
 
+from tap_invoca_destinations.output import BufferedSingerWriter
+
 if t.TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -175,3 +177,29 @@ def test_head_in_a_shell_pipeline(tmp_path: Path, make_server: Callable[..., Inv
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "BrokenPipeError" not in result.stderr
+
+
+def test_signal_while_the_target_reads_nothing_stops_after_the_grace_period(
+    tmp_path: Path, make_server: Callable[..., InvocaServer]
+) -> None:
+    server = make_server(20_000)
+    with start_tap(tmp_path, config_for(server), {}) as process:
+        assert process.stdout is not None
+        assert process.stderr is not None
+        time.sleep(2)  # the pipe fills and the tap blocks writing to it
+        assert process.poll() is None
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)  # nobody reads stdout until the tap is gone
+        took = time.monotonic() - signalled
+        out = process.stdout.read()
+        stderr = process.stderr.read().decode()
+    assert process.returncode == 143, stderr
+    assert took < BufferedSingerWriter.STOP_GRACE_SECONDS + 3, f"took {took:.1f} s to stop"
+    assert "SIGTERM" in stderr
+    assert "Traceback" not in stderr
+    # The target never read, so the abandoned write may have left one partial line.
+    lines = out.split(b"\n")[:-1]
+    assert len(lines) > 10
+    ids = [json.loads(line)["record"]["id"] for line in lines[1:]]
+    assert ids == server.ids()[: len(ids)]
