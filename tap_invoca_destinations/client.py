@@ -133,20 +133,18 @@ def retry_after_seconds(header: str | None) -> float | None:
         pass
     try:
         when = email.utils.parsedate_to_datetime(header)
-    except (TypeError, ValueError):
+        return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError):  # absurd years overflow
         return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def server_date(reply: Reply) -> dt.datetime | None:
     """The reply's ``Date`` header as an aware UTC datetime, or None."""
     try:
         when = email.utils.parsedate_to_datetime(reply.headers.get("Date", ""))
-    except (TypeError, ValueError, IndexError):
+        return None if when.tzinfo is None else when.astimezone(dt.UTC)
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    if when.tzinfo is None:
-        return None
-    return when.astimezone(dt.UTC)
 
 
 def is_loopback(url: str) -> bool:

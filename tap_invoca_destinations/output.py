@@ -116,8 +116,8 @@ class BufferedSingerWriter(GenericSingerWriter[bytes, Message]):
             if self._pending:
                 self._write_out(bytes(self._pending))
                 self._pending.clear()
-            if to_stdout and _fileno(sys.stdout) is None:
-                out = sys.stdout
+            out = sys.stdout
+            if to_stdout and out is not None and _fileno(out) is None:
                 t.cast("t.IO[bytes]", getattr(out, "buffer", out)).flush()
         except BrokenPipeError:
             self._closed = True
@@ -125,7 +125,7 @@ class BufferedSingerWriter(GenericSingerWriter[bytes, Message]):
             _silence_stdout()
             msg = "stdout was closed by its reader (the target stopped)"
             raise OutputClosed(msg) from None
-        except SyncInterrupted:
+        except (SyncInterrupted, OutputClosed):
             self._closed = True  # the write was abandoned: nothing more may follow it
             self._pending.clear()
             raise
@@ -136,6 +136,9 @@ class BufferedSingerWriter(GenericSingerWriter[bytes, Message]):
     @staticmethod
     def _write_out(data: bytes) -> None:
         out = sys.stdout
+        if out is None:  # started with stdout closed (`>&-`)
+            msg = "stdout is closed: there is nothing to write the Singer messages to"
+            raise OutputClosed(msg)
         fd = _fileno(out)
         if fd is None:
             binary = getattr(out, "buffer", None)

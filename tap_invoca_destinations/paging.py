@@ -122,6 +122,7 @@ class Pager:
     _next: Request | None = field(default=None, init=False)  # the page needed next
     _probe: str | None = field(default=None, init=False)  # "beyond"/"confirm": 1-record list
     _idle: int = field(default=0, init=False)
+    _empty_rechecked: bool = field(default=False, init=False)
     _step_backs: int = field(default=0, init=False)
 
     @property
@@ -182,10 +183,10 @@ class Pager:
             self._idle = 0
             self.last_id = ids[-1]
             self.emitted += len(ids) - first_new
-        short = len(ids) < min(request.limit, self.longest)
-        if (not ids and start == 0) or (short and ids == [self.last_id]):
-            return self._finish(first_new)
-        if not short:
+        end = self._end_of_list(start, ids, request.limit, hint)
+        if end is not None:
+            return end
+        if len(ids) >= min(request.limit, self.longest):
             # A server that honours `limit` fills the next (larger) requests too.
             self.stride = self.limit if len(ids) == request.limit else len(ids)
         if first_new == len(ids):
@@ -193,6 +194,19 @@ class Pager:
         if self._probe is None:
             self._next = Request(start + len(ids) - 1, self.limit)
         return Step(first_new, discard=self._drop_mispredicted())
+
+    def _end_of_list(self, start: int, ids: list[int], limit: int, hint: int | None) -> Step | None:
+        """The step that ends paging, if this page proves the end (see class docstring)."""
+        if not ids and start == 0:
+            if hint and not self._empty_rechecked:
+                # An empty list that the total contradicts: read the first page once more.
+                self._empty_rechecked = True
+                self._next = Request(0, self.page_size)
+                return Step(0, discard=self._drop_mispredicted())
+            return self._finish(0)
+        if len(ids) < min(limit, self.longest) and ids == [self.last_id]:
+            return self._finish(1)
+        return None
 
     def _check_start(self, start: int, ids: list[int]) -> None:
         if start == 0 and ids:
@@ -243,7 +257,8 @@ class Pager:
         if self._idle > MAX_IDLE_PAGES:
             msg = (
                 f"Invoca returned no new records at start={start} {self._idle} times in a row "
-                "although the pages were full (does the server ignore 'start'?)"
+                "although the pages were full (the server ignores 'start', or records keep "
+                "being inserted ahead of the read position)"
             )
             raise PagingError(msg)
 

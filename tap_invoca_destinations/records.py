@@ -126,6 +126,14 @@ def parse_instant(value: str) -> dt.datetime:
     Raises:
         ValueError: If the value is not one of the accepted forms.
     """
+    try:
+        return _parse_instant(value)
+    except OverflowError:
+        msg = f"out of the representable range: {value!r}"
+        raise ValueError(msg) from None
+
+
+def _parse_instant(value: str) -> dt.datetime:
     if (
         len(value) == 25  # noqa: PLR2004 - the documented form's length
         and value[10] == " "
@@ -167,7 +175,10 @@ def to_rfc3339_utc(value: str) -> str:
         # The documented form, without building a datetime twice (the hot path).
         local = dt.datetime.fromisoformat(value[:19])
         if local.tzinfo is None and value[13] == ":" and value[16] == ":":
-            return (local - _utc_offset(value[20:])).isoformat() + "+00:00"
+            try:
+                return (local - _utc_offset(value[20:])).isoformat() + "+00:00"
+            except OverflowError:
+                pass  # parse_instant says why
     return parse_instant(value).isoformat()
 
 

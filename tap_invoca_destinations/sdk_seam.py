@@ -11,6 +11,7 @@ SDK's own.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import typing as t
@@ -39,6 +40,33 @@ if t.TYPE_CHECKING:
 SDK_VERSION_CHECKED = "0.54.9"
 
 
+_BOOLEANS = frozenset({"true", "false", "1", "0", "yes", "no", "on", "off"})
+
+
+def env_value_errors(schema: dict[str, t.Any], prefix: str) -> list[str]:
+    """Name each ``<PREFIX><SETTING>`` variable whose value its setting's type refuses."""
+    errors = []
+    for key, prop in schema["properties"].items():
+        name = f"{prefix}{key.upper()}"
+        value = os.environ.get(name)
+        if value is None:
+            continue
+        types = prop.get("type", [])
+        kinds = {types} if isinstance(types, str) else set(types)
+        if "integer" in kinds and "string" not in kinds:
+            if not value.strip().lstrip("-").isdigit():
+                errors.append(f"{name} must be an integer")
+        elif "boolean" in kinds:
+            if value.strip().lower() not in _BOOLEANS:
+                errors.append(f"{name} must be true or false")
+        elif kinds & {"object", "array"}:
+            try:
+                json.loads(value)
+            except ValueError:
+                errors.append(f"{name} must be JSON ({key} is an {'/'.join(sorted(kinds))})")
+    return errors
+
+
 class SeamTap(Tap):
     """Tap base: config parsing and validation, and what a stop signal does."""
 
@@ -46,24 +74,20 @@ class SeamTap(Tap):
 
     @classproperty
     def _env_var_config(cls) -> dict[str, t.Any]:  # noqa: N805
-        # The SDK parses integer settings from the environment with a bare int():
-        # name the variable instead of crashing with a traceback.
+        # The SDK parses integers with a bare int() (a traceback), JSON objects
+        # likewise, and takes any boolean it does not know ("maybe") as false:
+        # name each bad variable instead.
         schema = cls.settings_schema()
         prefix = cls._env_var_prefix
         try:
-            return parse_environment_config(schema, prefix)
+            config = parse_environment_config(schema, prefix)  # also loads .env
         except ValueError:
-            bad = sorted(
-                f"{prefix}{key.upper()} must be an integer"
-                for key, prop in schema["properties"].items()
-                if "integer" in str(prop.get("type"))
-                and not os.environ.get(f"{prefix}{key.upper()}", "0").strip().lstrip("-").isdigit()
-            )
+            config = {}
+        errors = env_value_errors(schema, prefix)
+        if errors:
             msg = "Config validation failed"
-            raise ConfigValidationError(
-                msg,
-                errors=bad or ["an environment setting has a bad value"],
-            ) from None
+            raise ConfigValidationError(msg, errors=errors)
+        return config
 
     @override
     def _validate_config(self, *, raise_errors: bool = True) -> list[str]:

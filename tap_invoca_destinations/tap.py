@@ -284,6 +284,10 @@ class TapInvocaDestinations(SeamTap):
         token = config.get("api_token")
         if isinstance(token, str) and not token.isprintable():
             errors.append("api_token: contains control characters (value not shown)")
+        elif isinstance(token, str) and not token.isascii():
+            errors.append(
+                "api_token: contains characters an HTTP header cannot carry (value not shown)"
+            )
         return errors
 
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
@@ -301,12 +305,22 @@ class TapInvocaDestinations(SeamTap):
 
     @classmethod
     @override
-    def invoke(cls, *, state: t.IO[str] | None = None, **kwargs: t.Any) -> None:
+    def invoke(
+        cls,
+        *,
+        state: t.IO[str] | None = None,
+        catalog: t.IO[str] | None = None,
+        **kwargs: t.Any,
+    ) -> None:
         # At exit the interpreter's GC passes walk every object of the SDK's ~650
         # modules (0.2-0.3 s a run); freezing them first makes those passes skip them.
         atexit.register(gc.freeze)
         try:
-            super().invoke(state=None if state is None else checked_state_file(state), **kwargs)
+            super().invoke(
+                state=None if state is None else checked_state_file(state),
+                catalog=None if catalog is None else checked_catalog_file(catalog),
+                **kwargs,
+            )
         except SyncInterrupted as exc:
             cls.logger.error(  # noqa: TRY400 - one line; the traceback helps nobody
                 "Sync stopped by %s: every record written so far is complete; no final "
@@ -322,33 +336,66 @@ class TapInvocaDestinations(SeamTap):
         except Exception as exc:
             # One readable line at the default level; the traceback only at DEBUG.
             cls.logger.debug("Traceback of the failure below", exc_info=True)
-            known = isinstance(exc, (InvocaError, StateFileError))
+            known = isinstance(exc, (InvocaError, InputFileError))
             detail = str(exc) if known else f"{type(exc).__name__}: {exc}"
             cls.logger.error("Sync failed: %s", detail)  # noqa: TRY400
             _exit_now(1)
 
 
-class StateFileError(Exception):
-    """The --state file cannot be used."""
+class InputFileError(Exception):
+    """A --state or --catalog file cannot be used."""
+
+
+def read_json_object(file: t.IO[str], option: str) -> tuple[str, dict[str, t.Any]]:
+    """Read a ``--state``/``--catalog`` file as a JSON object, or fail in one line naming it.
+
+    Raises:
+        InputFileError: If the file is not UTF-8 JSON holding an object.
+    """
+    name = getattr(file, "name", "the file")
+    try:
+        text = file.read()
+        value = json.loads(text) if text.strip() else {}
+    except (UnicodeDecodeError, ValueError) as exc:
+        msg = f"{option} {name}: not a JSON file ({type(exc).__name__}: {exc})"
+        raise InputFileError(msg) from None
+    if not isinstance(value, dict):
+        msg = f"{option} {name}: expected a JSON object, got {type(value).__name__}"
+        raise InputFileError(msg)
+    return text, value
 
 
 def checked_state_file(state: t.IO[str]) -> t.IO[str]:
-    """Read and check a ``--state`` file, so that a bad one fails in one line naming it.
+    """Check a ``--state`` file's shape, so that a bad one fails in one line naming it.
 
     Raises:
-        StateFileError: If the file is not UTF-8 JSON holding an object whose
-            ``bookmarks`` (if any) is an object.
+        InputFileError: If it is not a JSON object whose ``bookmarks`` (if any) map
+            streams to objects, with ``partitions`` (if any) a list of objects.
     """
+    text, value = read_json_object(state, "--state")
     name = getattr(state, "name", "the state file")
-    try:
-        text = state.read()
-        value = json.loads(text) if text.strip() else {}
-    except (UnicodeDecodeError, ValueError) as exc:
-        msg = f"--state {name}: not a JSON state file ({type(exc).__name__}: {exc})"
-        raise StateFileError(msg) from None
-    if not isinstance(value, dict) or not isinstance(value.get("bookmarks", {}), dict):
+    bookmarks = value.get("bookmarks", {})
+    if not isinstance(bookmarks, dict):
         msg = f'--state {name}: expected a JSON object like {{"bookmarks": {{...}}}}'
-        raise StateFileError(msg)
+        raise InputFileError(msg)
+    for stream, entry in bookmarks.items():
+        partitions = entry.get("partitions", []) if isinstance(entry, dict) else None
+        if not isinstance(partitions, list) or not all(isinstance(p, dict) for p in partitions):
+            msg = (
+                f"--state {name}: bookmarks.{stream} must be an object (with 'partitions', "
+                "if any, a list of objects)"
+            )
+            raise InputFileError(msg)
+    return io.StringIO(text)
+
+
+def checked_catalog_file(catalog: t.IO[str]) -> t.IO[str]:
+    """Check that a ``--catalog`` file is a JSON object, naming it if not.
+
+    Raises:
+        InputFileError: If it is not.
+    """
+    text, _ = read_json_object(catalog, "--catalog")
     return io.StringIO(text)
 
 

@@ -17,7 +17,7 @@ if t.TYPE_CHECKING:
     from invoca_server import InvocaServer
 
 DEBUG = {"LOGLEVEL": "DEBUG"}
-ODD_TOKEN = "SECRET-'q\"b\\s/p+e=a&z%é"  # noqa: S105 - a marker with characters that get escaped
+ODD_TOKEN = "SECRET-'q\"b\\s/p+e=a&z%~"  # noqa: S105 - a marker with characters that get escaped
 
 
 def forms(token: str) -> set[str]:
