@@ -63,6 +63,17 @@ class TapRun:
         return next(m["schema"] for m in self.messages if m["type"] == "SCHEMA")
 
 
+def full_table_catalog(config: dict[str, t.Any]) -> dict[str, t.Any]:
+    """The tap's catalog with the stream selected and replicated FULL_TABLE."""
+    catalog = TapInvocaDestinations(config=config).catalog_dict
+    entry = catalog["streams"][0]
+    entry["replication_method"] = "FULL_TABLE"
+    for item in entry["metadata"]:
+        if item["breadcrumb"] == []:
+            item["metadata"].update({"selected": True, "forced-replication-method": "FULL_TABLE"})
+    return catalog
+
+
 def _parse(stdout: str) -> list[dict[str, t.Any]]:
     return [json.loads(line) for line in stdout.splitlines() if line.strip()]
 

@@ -21,9 +21,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
-from helpers import clean_env, run_cli
-
-from tap_invoca_destinations.tap import TapInvocaDestinations
+from helpers import clean_env, full_table_catalog, run_cli
 
 if t.TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -203,13 +201,7 @@ def test_mirror_mode_does_not_activate_a_version_after_a_short_read(
 
     server = serve(respond)
     settings = config(server, emit_activate_version_messages=True)
-    catalog = TapInvocaDestinations(config=settings).catalog_dict
-    entry = catalog["streams"][0]
-    entry["replication_method"] = "FULL_TABLE"
-    for item in entry["metadata"]:
-        if item["breadcrumb"] == []:
-            item["metadata"].update({"selected": True, "forced-replication-method": "FULL_TABLE"})
-    run = run_cli(tmp_path, settings, catalog=catalog, timeout=60)
+    run = run_cli(tmp_path, settings, catalog=full_table_catalog(settings), timeout=60)
     messages = [json.loads(line) for line in run.stdout.splitlines() if line.strip()]
     if any(m["type"] == "ACTIVATE_VERSION" for m in messages):
         assert ids_of(run.stdout) == list(range(1, 301)), "ACTIVATE_VERSION after a short read"

@@ -6,26 +6,14 @@ import json
 import typing as t
 
 import pytest
-from helpers import config_for, run_cli
+from helpers import config_for, full_table_catalog, run_cli
 from invoca_server import Faults
-
-from tap_invoca_destinations.tap import TapInvocaDestinations
 
 if t.TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
     from invoca_server import InvocaServer
-
-
-def full_table_catalog(config: dict[str, t.Any]) -> dict[str, t.Any]:
-    catalog = TapInvocaDestinations(config=config).catalog_dict
-    entry = catalog["streams"][0]
-    entry["replication_method"] = "FULL_TABLE"
-    for item in entry["metadata"]:
-        if item["breadcrumb"] == []:
-            item["metadata"].update({"selected": True, "forced-replication-method": "FULL_TABLE"})
-    return catalog
 
 
 def messages_of(stdout: str) -> list[dict[str, t.Any]]:
