@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 import signal
 import socket
 import threading
@@ -203,12 +204,17 @@ def test_an_interrupt_while_waiting_for_a_page_returns_at_once(make_server: Fact
 
 # --- bodies and transport: one line each ----------------------------------------------
 
+# JSON nested 5,000 deep is too deep for msgspec's decoder on Python 3.11/3.12;
+# on 3.13 it decodes, and the envelope check refuses it (unclosed: "not JSON";
+# closed: a record that is not an object). One clear line either way.
+DEEP = "nested too deeply|the body is not JSON|is not an object"
+
 
 @pytest.mark.parametrize(
     ("faults", "needle"),
     [
         (Faults(non_utf8_every=1), "the body is not UTF-8"),
-        (Faults(deep_json_every=1), "nested too deeply"),
+        (Faults(deep_json_every=1), DEEP),
     ],
 )
 def test_bad_bodies_end_in_one_line(
@@ -216,8 +222,9 @@ def test_bad_bodies_end_in_one_line(
 ) -> None:
     server = make_server(50, faults=faults)
     run = run_cli(tmp_path, config_for(server))
-    assert_clean_failure(run, "HTTP 200", "customer_phone_numbers.json", needle)
+    assert_clean_failure(run, "HTTP 200", "customer_phone_numbers.json")
     errors = [line for line in run.stderr.splitlines() if "Sync failed" in line]
+    assert re.search(needle, errors[0]), errors[0]
     assert "limit=" not in errors[0]  # the path only, never the query string
 
 
@@ -229,7 +236,7 @@ def test_bad_bodies_end_in_one_line(
         (b'["data"]', "no 'data' list"),
         (b'{"data": [{"id": "x"}]}', "no integer id"),
         (b'{"data": [{"id": 1, "name": "Caf\xe9"}]}', "not UTF-8"),
-        (b"[" * 5000, "nested too deeply"),
+        (b"[" * 5000, DEEP),
         (b"<html>", "not JSON"),
     ],
 )
