@@ -59,6 +59,7 @@ RETRIABLE_TRANSPORT = (
 )
 BODY_QUOTE_CHARS = 300
 READ_CHUNK = 256 * 1024
+MAX_BODY_BYTES = 256 * 1024 * 1024  # a page of 100 destinations is ~100 KB; this is no page
 PROGRESS_INTERVAL_SECONDS = 30.0  # wall time between progress lines of a long sync
 DEFAULT_BASE_URL = "https://invoca.net"
 DEFAULT_API_VERSION = "2022-08-01"
@@ -178,10 +179,19 @@ def read_body(
 
     Raises:
         requests.exceptions.ReadTimeout: If the body is not complete by the deadline.
+        InvocaError: If the body grows past ``MAX_BODY_BYTES`` (memory stays bounded).
     """
     chunks = []
+    size = 0
     while chunk := response.raw.read1(READ_CHUNK, decode_content=True):
         chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            msg = (
+                f"HTTP {response.status_code} for GET {urlparse(response.url).path}: the body "
+                f"grew past {MAX_BODY_BYTES:,} bytes; lower page_size"
+            )
+            raise InvocaError(msg)
         if abandoned.is_set() or time.monotonic() > deadline:
             msg = f"no complete response within request_timeout={timeout:g} s"
             raise requests.exceptions.ReadTimeout(msg)

@@ -45,10 +45,9 @@ class Request:
 
 @dataclass(frozen=True)
 class Step:
-    """What to do with a page: emit its records from ``emit_from`` on, then go on or stop."""
+    """What to do with a page: emit its records from ``emit_from`` on; drop the prefetches?"""
 
     emit_from: int
-    done: bool = False
     discard: bool = False  # the pages in flight were planned on a wrong guess: drop them
 
 
@@ -227,7 +226,7 @@ class Pager:
         self.done = True
         discard = bool(self.in_flight)
         self.in_flight.clear()
-        return Step(first_new, done=True, discard=discard)
+        return Step(first_new, discard=discard)
 
     def _step_back(self, start: int, received: int) -> Step:
         self._step_backs += 1

@@ -406,3 +406,15 @@ def test_a_token_with_a_newline_never_shows_up(tmp_path: Path, make_server: Fact
     assert run.returncode != 0
     assert "TOKEN-7d1e" not in run.stderr + run.stdout
     assert server.stats.statuses[401] == 1
+
+
+def test_a_body_past_the_size_bound_ends_in_one_line(
+    make_server: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Memory stays bounded whatever a server sends: here a page of 100 (~100 KB)
+    # against a bound lowered to 20 KB.
+    monkeypatch.setattr("tap_invoca_destinations.client.MAX_BODY_BYTES", 20 * 1024)
+    server = make_server(300)
+    with pytest.raises(InvocaError, match="the body grew past 20,480 bytes; lower page_size"):
+        run_in_process(config_for(server, max_tries=1))
+    assert server.stats.requests == 1
