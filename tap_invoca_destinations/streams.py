@@ -172,22 +172,19 @@ class DestinationsStream(InvocaStream):
             return None
         bookmark = self.get_starting_replication_key_value(context)
         start_date = self.config.get("start_date")
+        from_start_date = None if start_date is None else _utc_text(parse_instant(start_date))
         if bookmark is None:
-            return None if start_date is None else _utc_text(parse_instant(start_date))
-        if not isinstance(bookmark, str):
-            msg = (
-                f"state: the bookmark of stream '{self.name}' (replication_key_value) must "
-                f"be a timestamp string, got {type(bookmark).__name__} {bookmark!r}"
-            )
-            raise InvocaError(msg)
+            return from_start_date
         try:
-            moment = parse_instant(bookmark)
+            moment = parse_instant(bookmark) if isinstance(bookmark, str) else None
         except ValueError:
+            moment = None
+        if moment is None:
             msg = (
                 f"state: the bookmark of stream '{self.name}' (replication_key_value) is not "
-                f"a timestamp: {bookmark!r}"
+                f"a timestamp string: {bookmark!r}"
             )
-            raise InvocaError(msg) from None
+            raise InvocaError(msg)
         self._starting_bookmark = _utc_text(moment)
         if moment > self._sync_started_at:
             self.logger.warning(
@@ -197,7 +194,7 @@ class DestinationsStream(InvocaStream):
                 self._sync_started_at.replace(microsecond=0).isoformat(),
                 "" if start_date is None else " since start_date",
             )
-            return None if start_date is None else _utc_text(parse_instant(start_date))
+            return from_start_date
         # Same shape as emitted values (UTC, "+00:00"), so plain string comparison orders them.
         return _utc_text(moment)
 
