@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 if t.TYPE_CHECKING:
     from collections.abc import Callable
 
-MAX_IDLE_PAGES = 2  # anchored, full pages in a row that bring nothing new
+MAX_STALLED_PAGES = 2  # pages in a row with nothing new that do not move toward the anchor
+MAX_IDLE_PAGES = 1000  # pages in a row with nothing new, even while they move toward it
 MAX_STEP_BACKS = 1000  # re-reads after the list shrank under us, per sync
+MAX_RECHECKS = 3  # second looks at start=0 before calling a server's paging broken
 
 T = t.TypeVar("T")
 
@@ -89,21 +91,25 @@ class Pager:
 
     - ids must be strictly ascending, else fail;
     - a page at ``start > 0`` that begins with the list's first id means the
-      server ignores ``start``: fail;
+      server ignores ``start``, or ids were inserted before the first: it is
+      set aside, ``start=0`` read again, and the page set aside read again;
+      after ``MAX_RECHECKS`` such rounds, fail;
     - not anchored (its first id is above the anchor, or it is empty at
       ``start > 0``): records before the offset were deleted, so step back one
       page and read again (at most ``MAX_STEP_BACKS`` times);
     - anchored: emit the ids above the anchor. The list has ended when a page
-      holds the anchor alone (nothing before it, nothing new after it) and fewer
-      records than the server has shown it serves for that limit
+      holds one record only (the anchor, or at ``start=0`` the whole list) and
+      fewer records than the server has shown it serves for that limit
       (``min(limit, longest page seen)``), or is empty at ``start=0``. Any other
       short page proves nothing (a server may serve fewer than asked at any
       time, and records inserted before the offset shift the anchor right): the
       page from its last record on is read too, so a sync ends with a request
       that finds only the anchor.
       ``recordsTotal`` never ends paging; it only stops speculative prefetches;
-    - a full anchored page with nothing new, more than ``MAX_IDLE_PAGES`` times
-      in a row, fails. While no page has held more than one record (a server
+    - an anchored page with nothing new (records were inserted before the
+      anchor) is fine while such pages move toward the anchor; more than
+      ``MAX_STALLED_PAGES`` in a row that do not, or more than ``MAX_IDLE_PAGES``
+      in a row, fail. While no page has held more than one record (a server
       serving one record per page cannot be anchored), the one-record list is
       proven by an empty page at ``start=1`` and the record re-read at 0.
     """
@@ -119,8 +125,12 @@ class Pager:
     done: bool = field(default=False, init=False)
     in_flight: collections.deque[Request] = field(default_factory=collections.deque, init=False)
     _next: Request | None = field(default=None, init=False)  # the page needed next
-    _probe: str | None = field(default=None, init=False)  # "beyond"/"confirm": 1-record list
+    _probe: str | None = field(default=None, init=False)  # beyond/confirm/recheck/front
+    _set_aside: Request | None = field(default=None, init=False)  # read again after "front"
+    _rechecks: int = field(default=0, init=False)
     _idle: int = field(default=0, init=False)
+    _stalled: int = field(default=0, init=False)
+    _idle_last: int | None = field(default=None, init=False)  # last id of the last idle page
     _empty_rechecked: bool = field(default=False, init=False)
     _step_backs: int = field(default=0, init=False)
 
@@ -170,31 +180,41 @@ class Pager:
         if hint is not None:
             self.total = hint
         self.longest = max(self.longest, len(ids))
-        self._check_start(start, ids)
-        if self._probe is not None:
-            step = self._after_probe(ids)
-            if step is not None:
-                return step
+        step = self._check_or_probe(request, ids)
+        if step is not None:
+            return step
         if not self._anchored(start, ids):
             return self._step_back(start, len(ids))
-        first_new = 0 if self.last_id is None else bisect.bisect_right(ids, self.last_id)
-        if first_new < len(ids):
-            self._idle = 0
-            self.last_id = ids[-1]
-            self.emitted += len(ids) - first_new
-        end = self._end_of_list(start, ids, request.limit, hint)
+        first_new = self._take(ids)
+        end = self._end_of_list(start, ids, request.limit, hint, first_new)
         if end is not None:
             return end
         if len(ids) >= min(request.limit, self.longest):
             # A server that honours `limit` fills the next (larger) requests too.
             self.stride = self.limit if len(ids) == request.limit else len(ids)
         if first_new == len(ids):
-            self._idle_page(start, request.limit)
+            self._idle_page(start, request.limit, ids)
         if self._probe is None:
             self._next = Request(start + len(ids) - 1, self.limit)
         return Step(first_new, discard=self._drop_mispredicted())
 
-    def _end_of_list(self, start: int, ids: list[int], limit: int, hint: int | None) -> Step | None:
+    def _check_or_probe(self, request: Request, ids: list[int]) -> Step | None:
+        if self._first_id_again(request, ids):
+            return self._check_front(request, len(ids))
+        return self._after_probe(ids) if self._probe is not None else None
+
+    def _take(self, ids: list[int]) -> int:
+        """Record the ids above the anchor as emitted; return the index of the first."""
+        first_new = 0 if self.last_id is None else bisect.bisect_right(ids, self.last_id)
+        if first_new < len(ids):
+            self._idle, self._stalled, self._idle_last = 0, 0, None
+            self.last_id = ids[-1]
+            self.emitted += len(ids) - first_new
+        return first_new
+
+    def _end_of_list(
+        self, start: int, ids: list[int], limit: int, hint: int | None, first_new: int
+    ) -> Step | None:
         """The step that ends paging, if this page proves the end (see class docstring)."""
         if not ids and start == 0:
             if hint and not self._empty_rechecked:
@@ -203,19 +223,37 @@ class Pager:
                 self._next = Request(0, self.page_size)
                 return Step(0, discard=self._drop_mispredicted())
             return self._finish(0)
-        if len(ids) < min(limit, self.longest) and ids == [self.last_id]:
-            return self._finish(1)
+        if len(ids) == 1 < min(limit, self.longest):
+            return self._finish(first_new)  # the list ends with this (anchored) record
         return None
 
-    def _check_start(self, start: int, ids: list[int]) -> None:
-        if start == 0 and ids:
-            self.first_id = ids[0]
-        elif ids and ids[0] == self.first_id:
-            msg = (
-                f"Invoca answered start={start} with the list's first record (id {ids[0]}) "
-                "again: the server ignores 'start', so the list cannot be paged"
-            )
-            raise PagingError(msg)
+    def _first_id_again(self, request: Request, ids: list[int]) -> bool:
+        """Note the first id at ``start=0``; True if a page at ``start > 0`` begins with it."""
+        if request.start == 0:
+            if ids and self._probe != "front":
+                self.first_id = ids[0]
+            return False
+        return bool(ids) and ids[0] == self.first_id and self._probe is None
+
+    def _check_front(self, request: Request, received: int) -> Step:
+        # Either 'start' is ignored or ids were inserted before the first: read start=0 again.
+        self._recheck(self._ignores_start(request.start, self.first_id))
+        self._probe, self._set_aside = "front", request
+        self._next = Request(0, self.limit)
+        self.in_flight.clear()
+        return Step(received, discard=True)
+
+    def _recheck(self, failure: str) -> None:
+        self._rechecks += 1
+        if self._rechecks > MAX_RECHECKS:
+            raise PagingError(failure)
+
+    @staticmethod
+    def _ignores_start(start: int, first_id: int | None) -> str:
+        return (
+            f"Invoca answered start={start} with the list's first record (id {first_id}) "
+            "again: the server ignores 'start', so the list cannot be paged"
+        )
 
     def _anchored(self, start: int, ids: list[int]) -> bool:
         if start == 0:
@@ -240,7 +278,7 @@ class Pager:
         self.in_flight.clear()
         return Step(received, discard=True)
 
-    def _idle_page(self, start: int, limit: int) -> None:
+    def _idle_page(self, start: int, limit: int, ids: list[int]) -> None:
         if self.longest <= 1:
             if start != 0:
                 msg = (
@@ -252,29 +290,44 @@ class Pager:
             self._probe = "beyond"
             self._next = Request(1, self.limit)
             return
+        # Records inserted before the anchor push it right; pages that bring nothing
+        # new are fine while they move toward it (their last id keeps growing).
+        moved = self._idle_last is None or ids[-1] > self._idle_last
+        self._stalled = 0 if moved else self._stalled + 1
+        self._idle_last = ids[-1]
         self._idle += 1
-        if self._idle > MAX_IDLE_PAGES:
+        if self._stalled > MAX_STALLED_PAGES or self._idle > MAX_IDLE_PAGES:
             msg = (
                 f"Invoca returned no new records at start={start} {self._idle} times in a row "
-                "although the pages were full (the server ignores 'start', or records keep "
-                "being inserted ahead of the read position)"
+                "(the server does not honour 'start', or records keep being inserted ahead "
+                "of the read position)"
             )
             raise PagingError(msg)
 
     def _after_probe(self, ids: list[int]) -> Step | None:
+        if self._probe == "front":
+            # Read the page set aside again: a server that ignores 'start' repeats itself.
+            self._probe, self.first_id = None, (ids[0] if ids else None)
+            self._next, self._set_aside = self._set_aside, None
+            return Step(len(ids), discard=self._drop_mispredicted())
         if self._probe == "beyond":
-            if ids:
-                msg = (
-                    "Invoca returns one record per page (limit ignored at start=0 and "
-                    "start=1): such pages cannot be checked against each other"
-                )
-                raise PagingError(msg)
-            self._probe = "confirm"
+            # Empty: confirm the one record at start=0. Not empty: the list grew, or the
+            # server serves one record per page; a second look at start=0 tells which.
+            self._probe = "recheck" if ids else "confirm"
             self._next = Request(0, self.limit)
-            return Step(0, discard=self._drop_mispredicted())
-        self._probe = None
-        if ids == [self.last_id]:
-            return self._finish(1)
+            return Step(len(ids), discard=self._drop_mispredicted())
+        probe, self._probe = self._probe, None
+        if probe == "confirm" and len(ids) == 1:
+            # start=1 was empty: this is the whole list (the same record, or one that replaced it).
+            return self._finish(self._take(ids))
+        if probe == "recheck" and len(ids) <= 1:
+            self._recheck(
+                "Invoca returns one record per page (limit ignored at start=0 and "
+                "start=1): such pages cannot be checked against each other"
+            )
+            self._probe = "beyond"
+            self._next = Request(1, self.limit)
+            return Step(len(ids), discard=self._drop_mispredicted())
         return None  # the list changed: page on as usual
 
     def _drop_mispredicted(self) -> bool:
