@@ -24,7 +24,7 @@ if t.TYPE_CHECKING:
 MAX_STALLED_PAGES = 2  # pages in a row with nothing new that do not move toward the anchor
 MAX_IDLE_PAGES = 1000  # pages in a row with nothing new, even while they move toward it
 MAX_STEP_BACKS = 1000  # re-reads after the list shrank under us, per sync
-MAX_RECHECKS = 3  # second looks at start=0 before calling a server's paging broken
+MAX_RECHECKS = 2  # second looks at start=0 before calling a server's paging broken
 
 T = t.TypeVar("T")
 
@@ -153,6 +153,7 @@ class Pager:
             tail is not None
             and self.requests
             and self._probe is None
+            and self._set_aside is None  # no guessing while a page is being checked
             and self.stride >= 2  # noqa: PLR2004 - a page must hold the anchor and one more
             and len(self.in_flight) + len(new) < window
         ):
@@ -174,6 +175,8 @@ class Pager:
             PagingError: If the server's pages cannot be paged safely.
         """
         request = self.in_flight.popleft()
+        if self._probe is None and request == self._set_aside:
+            self._set_aside = None  # the page set aside, read again
         start = request.start
         check_ids(ids, start)
         hint = parse_total(total)
@@ -308,7 +311,7 @@ class Pager:
         if self._probe == "front":
             # Read the page set aside again: a server that ignores 'start' repeats itself.
             self._probe, self.first_id = None, (ids[0] if ids else None)
-            self._next, self._set_aside = self._set_aside, None
+            self._next = self._set_aside
             return Step(len(ids), discard=self._drop_mispredicted())
         if self._probe == "beyond":
             # Empty: confirm the one record at start=0. Not empty: the list grew, or the

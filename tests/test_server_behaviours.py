@@ -197,7 +197,7 @@ def test_an_interrupt_while_waiting_for_a_page_returns_at_once(make_server: Fact
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-    assert time.monotonic() - began < 2
+    assert time.monotonic() - began < 8  # the requests take 20 s; a loaded CI machine is slow
     lingering = [th for th in threading.enumerate() if th is not threading.main_thread()]
     assert all(th.daemon for th in lingering), lingering
 
@@ -389,7 +389,7 @@ def test_trickled_headers_are_bounded_by_request_timeout() -> None:
     try:
         with pytest.raises(InvocaError, match=r"gave up after 2 attempt\(s\).*request_timeout=0.5"):
             list(stream.iter_pages())
-        assert time.monotonic() - began < 3
+        assert time.monotonic() - began < 6  # 2 x 0.5 s; unbounded, it would never end
         assert len(accepted) == 2
     finally:
         stop.set()

@@ -122,7 +122,7 @@ def test_signal_with_slow_requests_in_flight_stops_within_seconds(
         process.wait(timeout=30)
         took = time.monotonic() - signalled
     assert process.returncode == 143
-    assert took < 3, f"took {took:.1f} s to stop with requests in flight"
+    assert took < 8, f"took {took:.1f} s to stop with requests in flight"  # they take 15 s
     assert out.endswith(b"\n")
     assert all(json.loads(line)["type"] != "STATE" for line in out.splitlines())
 
