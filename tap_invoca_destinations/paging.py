@@ -111,7 +111,9 @@ class Pager:
       ``MAX_STALLED_PAGES`` in a row that do not, or more than ``MAX_IDLE_PAGES``
       in a row, fail. While no page has held more than one record (a server
       serving one record per page cannot be anchored), the one-record list is
-      proven by an empty page at ``start=1`` and the record re-read at 0.
+      proven by an empty page at ``start=1`` and the record re-read at 0 (the
+      anchor, or the same record twice). Rechecks (``MAX_RECHECKS``) are counted
+      from the last page that brought something new.
     """
 
     page_size: int
@@ -127,7 +129,8 @@ class Pager:
     _next: Request | None = field(default=None, init=False)  # the page needed next
     _probe: str | None = field(default=None, init=False)  # beyond/confirm/recheck/front
     _set_aside: Request | None = field(default=None, init=False)  # read again after "front"
-    _rechecks: int = field(default=0, init=False)
+    _rechecks: int = field(default=0, init=False)  # in a row, without progress
+    _lone: int | None = field(default=None, init=False)  # the last "confirm" page's one id
     _idle: int = field(default=0, init=False)
     _stalled: int = field(default=0, init=False)
     _idle_last: int | None = field(default=None, init=False)  # last id of the last idle page
@@ -210,7 +213,7 @@ class Pager:
         """Record the ids above the anchor as emitted; return the index of the first."""
         first_new = 0 if self.last_id is None else bisect.bisect_right(ids, self.last_id)
         if first_new < len(ids):
-            self._idle, self._stalled, self._idle_last = 0, 0, None
+            self._idle, self._stalled, self._idle_last, self._rechecks = 0, 0, None, 0
             self.last_id = ids[-1]
             self.emitted += len(ids) - first_new
         return first_new
@@ -321,12 +324,18 @@ class Pager:
             return Step(len(ids), discard=self._drop_mispredicted())
         probe, self._probe = self._probe, None
         if probe == "confirm" and len(ids) == 1:
-            # start=1 was empty: this is the whole list (the same record, or one that replaced it).
-            return self._finish(self._take(ids))
+            # start=1 was empty, and start=0 holds one record: the whole list if it is
+            # the anchor, or the same record twice in a row (a record that replaced it).
+            # Otherwise a record may have been inserted before the last one: look again.
+            if ids[0] in (self.last_id, self._lone):
+                return self._finish(self._take(ids))
+            self._lone = ids[0]
+            probe = "recheck"
         if probe == "recheck" and len(ids) <= 1:
             self._recheck(
                 "Invoca returns one record per page (limit ignored at start=0 and "
-                "start=1): such pages cannot be checked against each other"
+                "start=1), or the list keeps changing: such pages cannot be checked "
+                "against each other"
             )
             self._probe = "beyond"
             self._next = Request(1, self.limit)

@@ -430,12 +430,53 @@ def test_ids_inserted_before_the_first_are_not_taken_for_an_ignored_start() -> N
     assert asked[1:4] == [Request(9, 11), Request(0, 11), Request(9, 11)]
 
 
+def insert_below_first(count: int) -> Callable[[list[int]], None]:
+    def edit(current: list[int]) -> None:
+        current.extend(range(current[0] - count, current[0]))
+
+    return edit
+
+
+@pytest.mark.parametrize("window", [1, 4])
+def test_a_record_inserted_while_one_per_page_is_confirmed_does_not_hide_another(
+    window: int,
+) -> None:
+    # One record per page (not honest) and [10, 30]: 10 is deleted after the
+    # probe at start=0, 5 inserted before the confirming read at start=0, which
+    # then shows [5] alone. 30 survives: that is not a one-record list.
+    changes: dict[int, Callable[[list[int]], None]] = {
+        2: lambda current: current.remove(10),
+        3: lambda current: current.append(5),
+    }
+    with pytest.raises(PagingError, match="one record per page"):
+        run_script([10, 30], 10, window=window, cap=1, changes=changes)
+
+
+def test_rechecks_are_counted_from_the_last_progress() -> None:
+    # Three separate insertions below the first id, pages capped at 2: each walk
+    # through them lands on the old first id at start > 0 once. Found by review.
+    ids = list(range(1000, 1100))
+    changes = {1: insert_below_first(1), 5: insert_below_first(10), 20: insert_below_first(30)}
+    emitted, _ = run_script(ids, 5, cap=2, changes=changes)
+    assert set(ids) <= set(emitted)
+    assert emitted == sorted(set(emitted))
+
+
 def test_a_one_record_list_replaced_mid_sync_ends_with_the_new_record() -> None:
     def replace(current: list[int]) -> None:
         current[:] = [9]
 
     emitted, _ = run_script([7], 10, changes={2: replace})
     assert emitted == [7, 9]
+
+
+def test_a_one_record_list_replaced_by_a_lower_id_ends_after_a_second_look() -> None:
+    def replace(current: list[int]) -> None:
+        current[:] = [3]
+
+    emitted, asked = run_script([7], 10, changes={3: replace})
+    assert emitted == [7]  # 3 appeared mid-sync: not a survivor, and below the anchor
+    assert asked[2:] == [Request(1, 11), Request(0, 11)] * 2  # the same lone record twice
 
 
 @pytest.mark.parametrize(
