@@ -197,6 +197,14 @@ def models(draw: st.DrawFn, *, hostile: bool) -> Model:
     return model
 
 
+def check_every_survivor_once(model: Model, emitted: list[int]) -> None:
+    """Ids ascending, none twice, every survivor there, nothing that never existed."""
+    assert emitted == sorted(set(emitted)), "an id twice, or out of order"
+    survivors = model.initial - model.deleted
+    assert survivors <= set(emitted), f"lost {sorted(survivors - set(emitted))}"
+    assert set(emitted) <= model.ever
+
+
 @PROPERTY
 @given(
     model=models(hostile=True),
@@ -215,10 +223,7 @@ def test_exactly_once_or_a_clear_error_never_a_short_success(
         assert message
         assert "\n" not in message
         return
-    assert emitted == sorted(set(emitted)), "an id twice, or out of order"
-    survivors = model.initial - model.deleted
-    assert survivors <= set(emitted), f"lost {sorted(survivors - set(emitted))}"
-    assert set(emitted) <= model.ever
+    check_every_survivor_once(model, emitted)
     assert pager.emitted == len(emitted)
 
 
@@ -250,11 +255,7 @@ def test_a_list_changed_in_a_few_bursts_is_read_whole_without_error(
 ) -> None:
     # An honest server and two large edits (up to 40 deletions and 40 insertions
     # anywhere, below the first id too) at any moments: no error, no loss.
-    emitted = drive(Pager(page_size), model, data, window, "bursts")
-    assert emitted == sorted(set(emitted)), "an id twice, or out of order"
-    survivors = model.initial - model.deleted
-    assert survivors <= set(emitted), f"lost {sorted(survivors - set(emitted))}"
-    assert set(emitted) <= model.ever
+    check_every_survivor_once(model, drive(Pager(page_size), model, data, window, "bursts"))
 
 
 # --- scripted cases (each branch of the rules) ---------------------------------
