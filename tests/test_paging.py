@@ -197,6 +197,16 @@ def models(draw: st.DrawFn, *, hostile: bool) -> Model:
     return model
 
 
+def paging_cases(*, hostile: bool) -> dict[str, st.SearchStrategy[t.Any]]:
+    """A served list, a page size, a prefetch window, and draws for changes mid-sync."""
+    return {
+        "model": models(hostile=hostile),
+        "page_size": st.integers(1, 12),
+        "window": st.integers(1, 4),
+        "data": st.data(),
+    }
+
+
 def check_every_survivor_once(model: Model, emitted: list[int]) -> None:
     """Ids ascending, none twice, every survivor there, nothing that never existed."""
     assert emitted == sorted(set(emitted)), "an id twice, or out of order"
@@ -206,12 +216,7 @@ def check_every_survivor_once(model: Model, emitted: list[int]) -> None:
 
 
 @PROPERTY
-@given(
-    model=models(hostile=True),
-    page_size=st.integers(1, 12),
-    window=st.integers(1, 4),
-    data=st.data(),
-)
+@given(**paging_cases(hostile=True))
 def test_exactly_once_or_a_clear_error_never_a_short_success(
     model: Model, page_size: int, window: int, data: st.DataObject
 ) -> None:
@@ -228,12 +233,7 @@ def test_exactly_once_or_a_clear_error_never_a_short_success(
 
 
 @PROPERTY
-@given(
-    model=models(hostile=False),
-    page_size=st.integers(1, 12),
-    window=st.integers(1, 4),
-    data=st.data(),
-)
+@given(**paging_cases(hostile=False))
 def test_a_steady_list_is_read_whole_whatever_the_total_says(
     model: Model, page_size: int, window: int, data: st.DataObject
 ) -> None:
@@ -244,12 +244,7 @@ def test_a_steady_list_is_read_whole_whatever_the_total_says(
 
 
 @PROPERTY
-@given(
-    model=models(hostile=False),
-    page_size=st.integers(1, 12),
-    window=st.integers(1, 4),
-    data=st.data(),
-)
+@given(**paging_cases(hostile=False))
 def test_a_list_changed_in_a_few_bursts_is_read_whole_without_error(
     model: Model, page_size: int, window: int, data: st.DataObject
 ) -> None:
