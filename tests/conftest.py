@@ -1,13 +1,16 @@
-"""Fixtures: the loopback Invoca-compatible server, started per test."""
+"""Fixtures: the loopback Invoca-compatible server, started per test; the tests' order."""
 
 from __future__ import annotations
 
+import logging
 import os
 import typing as t
 
 import pytest
 from helpers import ENV_PREFIX
 from invoca_server import Faults, InvocaServer
+
+from tap_invoca_destinations.tap import RedactSecret
 
 
 @pytest.fixture
@@ -36,3 +39,22 @@ def _no_tap_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith(ENV_PREFIX):
             monkeypatch.delenv(key)
+
+
+@pytest.fixture(autouse=True)
+def _no_earlier_secrets_in_logs() -> t.Iterator[None]:
+    """Drop the redaction filters a test's taps put on the root log handlers.
+
+    pytest reuses its capture handlers for every test, so a filter for an
+    earlier test's token would rewrite later tests' log lines (which test came
+    earlier depends on how xdist shares out the tests).
+    """
+    yield
+    for handler in logging.getLogger().handlers:
+        for stale in [f for f in handler.filters if isinstance(f, RedactSecret)]:
+            handler.removeFilter(stale)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow end-to-end tests first, so that xdist's workers share them and end together."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import os
+import select
 import subprocess
 import sys
+import termios
+import time
 import typing as t
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +19,8 @@ from pathlib import Path
 from tap_invoca_destinations.tap import TapInvocaDestinations
 
 if t.TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from invoca_server import InvocaServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,3 +140,42 @@ def run_in_process(
     with contextlib.redirect_stdout(buffer):
         tap.sync_all()
     return TapRun(0, buffer.getvalue(), "", _parse(buffer.getvalue()))
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, *, shared: bool = False) -> Iterator[None]:
+    """Hold a lock on `path` across processes (pytest-xdist workers): shared or exclusive."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _writing_to_a_full_pipe(pid: int, pipe: t.IO[bytes]) -> bool:
+    """Whether a thread of `pid` waits in the kernel to write to a pipe (Linux's wchan).
+
+    Where wchan is hidden, whether `pipe` lacks room for one atomic write instead.
+    """
+    waits = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            waits.append((task / "wchan").read_text())
+    if any(wait.strip() not in {"", "0"} for wait in waits):
+        return any(wait.endswith("pipe_write") for wait in waits)
+    held = bytearray(4)
+    fcntl.ioctl(pipe, termios.FIONREAD, held)
+    room = fcntl.fcntl(pipe, fcntl.F_GETPIPE_SZ) - int.from_bytes(held, sys.byteorder)
+    return room < select.PIPE_BUF
+
+
+def wait_until_blocked_writing(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """Return once `process`, whose stdout nobody reads, is blocked writing to the full pipe."""
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout
+    while not _writing_to_a_full_pipe(process.pid, process.stdout):
+        assert process.poll() is None, f"exited with {process.returncode} before blocking"
+        assert time.monotonic() < deadline, f"not blocked on its stdout after {timeout} s"
+        time.sleep(0.01)

@@ -21,7 +21,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
-from helpers import clean_env, full_table_catalog, run_cli
+from helpers import clean_env, full_table_catalog, run_cli, wait_until_blocked_writing
 
 if t.TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -490,7 +490,7 @@ def test_sigterm_stops_the_tap_in_seconds_even_when_the_target_stopped_reading(
         deadline = time.monotonic() + 20
         while len(server.queries) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(1.5)  # 300 records in hand, more than the pipe holds: the tap is blocked
+        wait_until_blocked_writing(process)  # 300 records in hand, more than the pipe holds
         process.send_signal(signal.SIGTERM)
         try:
             returncode: int | None = process.wait(timeout=10)

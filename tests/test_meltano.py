@@ -3,6 +3,12 @@
 CSV and JSONL files, DuckDB (embedded), and a real PostgreSQL server started on
 127.0.0.1 in a temporary data directory. Each run uses its own Meltano system
 database, so state never leaks between tests or into the demo.
+
+Safe under pytest-xdist: the plugins are installed once per session (a lock and
+a marker shared by the workers), each worker has its own PostgreSQL server and
+its own `.meltano/run` folder (Meltano writes each plugin's catalog and state
+there), and the demo, which reinstalls the extractor, runs while no other
+Meltano command does.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import yaml  # PyYAML comes with meltano; no stubs locked
-from helpers import ROOT, clean_env
+from helpers import ROOT, clean_env, file_lock
 from invoca_server import Faults, InvocaServer
 
 from tap_invoca_destinations.records import BOOLEAN, COLUMNS, INTEGER, TIMESTAMP
@@ -36,6 +42,11 @@ MIRROR = "tap-invoca-destinations--mirror"
 KEY = ["network_id", "id"]
 
 
+# Held shared by every Meltano command of the tests, exclusively while plugins are
+# (re)installed: a reinstall rewrites the extractor's venv under a running command.
+PLUGINS_LOCK = ROOT / ".meltano" / "tests.lock"
+
+
 def meltano(
     env: dict[str, str],
     *args: str,
@@ -43,15 +54,16 @@ def meltano(
     cwd: Path = ROOT,
     check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [MELTANO, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    with file_lock(PLUGINS_LOCK, shared=True):
+        result = subprocess.run(
+            [MELTANO, *args],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
     if check:
         assert result.returncode == 0, f"meltano {' '.join(args)} failed:\n{result.stderr[-4000:]}"
     return result
@@ -61,18 +73,46 @@ def meltano(
 INSTALL = ("install",)
 
 
-@pytest.fixture(scope="module")
-def installed() -> None:
-    """Install every plugin once, as the README says (Meltano reuses them on later runs)."""
-    meltano({**clean_env(), "MELTANO_SEND_ANONYMOUS_USAGE_STATS": "false"}, *INSTALL)
+@pytest.fixture(scope="session")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Install every plugin once per session, as the README says, whatever the workers."""
+    # Under xdist the base temp's parent is this run's, shared by its workers.
+    done = tmp_path_factory.getbasetemp().parent / "meltano-installed"
+    workers = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+    with file_lock(PLUGINS_LOCK):
+        if workers and done.exists():
+            return
+        result = subprocess.run(
+            [MELTANO, *INSTALL],
+            cwd=ROOT,
+            env={**clean_env(), "MELTANO_SEND_ANONYMOUS_USAGE_STATS": "false"},
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        assert result.returncode == 0, f"meltano install failed:\n{result.stderr[-4000:]}"
+        if workers:
+            done.touch()
+
+
+@pytest.fixture(scope="session")
+def sys_dir(installed: None, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: ARG001 - installs first
+    """This worker's `.meltano`: the installed plugins linked in, its own `run` and logs."""
+    root = tmp_path_factory.mktemp("meltano-sys")
+    for entry in (ROOT / ".meltano").iterdir():
+        if entry.is_dir() and entry.name not in {"run", "logs"}:
+            (root / entry.name).symlink_to(entry)
+    return root
 
 
 @pytest.fixture
-def pipeline(installed: None, server: InvocaServer, tmp_path: Path) -> dict[str, str]:  # noqa: ARG001 - installs first
+def pipeline(sys_dir: Path, server: InvocaServer, tmp_path: Path) -> dict[str, str]:
     """Environment for `meltano run` against this test's server, writing under tmp_path."""
     return {
         **clean_env(),
         "MELTANO_SEND_ANONYMOUS_USAGE_STATS": "false",
+        "MELTANO_SYS_DIR_ROOT": str(sys_dir),
         "MELTANO_DATABASE_URI": f"sqlite:///{tmp_path}/meltano.db",
         "MELTANO_ENVIRONMENT": "local",
         "TAP_INVOCA_DESTINATIONS_API_TOKEN": server.token,
@@ -151,15 +191,16 @@ def test_readme_demo_command_leaves_the_servers_destinations_in_csv_and_duckdb()
     import duckdb  # noqa: PLC0415
 
     env = {**clean_env(), "DEMO_PORT": str(_free_port()), "DEMO_DESTINATIONS": "300"}
-    result = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "demo")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    with file_lock(PLUGINS_LOCK):  # the demo reinstalls the extractor
+        result = subprocess.run(
+            ["bash", str(ROOT / "scripts" / "demo")],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "output/csv/destinations.csv (300 destinations)" in result.stdout
     # The demo's server is the same deterministic data set as this one (not started).
@@ -425,11 +466,12 @@ def test_csv_pipeline_holds_every_current_destination_run_after_run(
 
 
 @pytest.fixture
-def project(installed: None, tmp_path: Path) -> Path:  # noqa: ARG001 - installs first
+def project(sys_dir: Path, tmp_path: Path) -> Path:
     """A copy of this Meltano project that shares the installed plugins."""
     root = tmp_path / "project"
     (root / "output" / "csv").mkdir(parents=True)
     shutil.copy(ROOT / "meltano.yml", root / "meltano.yml")
+    (root / ".meltano").symlink_to(sys_dir)
     return root
 
 
@@ -437,7 +479,7 @@ def project_env(project: Path, server: InvocaServer) -> dict[str, str]:
     return {
         **clean_env(),
         "MELTANO_SEND_ANONYMOUS_USAGE_STATS": "false",
-        "MELTANO_SYS_DIR_ROOT": str(ROOT / ".meltano"),  # the plugins installed once
+        "MELTANO_SYS_DIR_ROOT": str(project / ".meltano"),  # the plugins installed once
         "MELTANO_DATABASE_URI": f"sqlite:///{project}/meltano.db",
         "MELTANO_ENVIRONMENT": "local",
         "TAP_INVOCA_DESTINATIONS_API_TOKEN": server.token,

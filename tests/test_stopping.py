@@ -11,7 +11,7 @@ import typing as t
 from pathlib import Path
 
 import pytest
-from helpers import clean_env, config_for
+from helpers import clean_env, config_for, wait_until_blocked_writing
 from invoca_server import Faults, InvocaServer
 
 from tap_invoca_destinations.output import BufferedSingerWriter
@@ -186,7 +186,7 @@ def test_signal_while_the_target_reads_nothing_stops_after_the_grace_period(
     with start_tap(tmp_path, config_for(server), {}) as process:
         assert process.stdout is not None
         assert process.stderr is not None
-        time.sleep(2)  # the pipe fills and the tap blocks writing to it
+        wait_until_blocked_writing(process)  # the pipe fills and the tap blocks writing to it
         assert process.poll() is None
         signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)
