@@ -56,5 +56,10 @@ def _no_earlier_secrets_in_logs() -> t.Iterator[None]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slow end-to-end tests first, so that xdist's workers share them and end together."""
-    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+    """The slow end-to-end tests first, so that xdist's workers share them and end together.
+
+    Reversed: the later ones in their file run more Meltano commands, and the
+    longest should start first.
+    """
+    e2e = [item for item in items if item.get_closest_marker("e2e")]
+    items[:] = e2e[::-1] + [item for item in items if not item.get_closest_marker("e2e")]

@@ -319,9 +319,9 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def postgres() -> t.Iterator[int]:
-    """A throwaway PostgreSQL server on 127.0.0.1; yields its port."""
+    """A throwaway PostgreSQL server on 127.0.0.1, one per xdist worker; yields its port."""
     bindir = _pg_bin()
     if bindir is None:
         message = (
