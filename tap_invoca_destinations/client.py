@@ -364,6 +364,13 @@ class InvocaStream(SeamStream):
             initial_wait=float(self.config.get("retry_initial_wait", 1.0)),
         )
 
+    @property
+    def mirror_mode(self) -> bool:
+        """True when a complete read ends in ACTIVATE_VERSION (the target then deletes)."""
+        return self.replication_method == "FULL_TABLE" and bool(
+            self.config.get("emit_activate_version_messages")
+        )
+
     @override
     def get_new_paginator(self) -> None:
         # Paging is done by iter_pages; the SDK's offset paginator skips records
@@ -472,6 +479,8 @@ class InvocaStream(SeamStream):
         """
         params = {**self.filter_params(), "limit": request.limit, "start": request.start}
         policy = self.retry_policy
+        if request.backoff and cancel.wait(policy.backoff(request.backoff)):
+            raise Cancelled  # a confirming request (see Pager), dropped while it waited
         waited = 0.0
         attempt = 0
         while True:
@@ -548,7 +557,11 @@ class InvocaStream(SeamStream):
         Raises:
             InvocaError: If paging cannot be done safely (see ``paging.Pager``).
         """
-        pager = Pager(page_size=int(self.config.get("page_size", 100)))
+        pager = Pager(
+            page_size=int(self.config.get("page_size", 100)),
+            max_doubts=self.retry_policy.max_tries - 1,  # a doubtful end is retried like a 5xx
+            strict=self.mirror_mode,
+        )
         with self._lock:
             self.server_date_at_start = None
             self._got_reply = False
@@ -570,6 +583,13 @@ class InvocaStream(SeamStream):
                         raise InvocaError(str(exc)) from None
                     if step.discard:
                         window.discard()
+                    if step.doubt:
+                        self.logger.warning(
+                            "%s: asking again to confirm the end of the list (%d/%d)",
+                            step.doubt,
+                            pager.doubts,
+                            pager.max_doubts,
+                        )
                     # Before handing records over, so requests overlap their processing.
                     for request in pager.plan(window.size):
                         window.submit(request)

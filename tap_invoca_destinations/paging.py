@@ -25,6 +25,7 @@ MAX_STALLED_PAGES = 2  # pages in a row with nothing new that do not move toward
 MAX_IDLE_PAGES = 1000  # pages in a row with nothing new, even while they move toward it
 MAX_STEP_BACKS = 1000  # re-reads after the list shrank under us, per sync
 MAX_RECHECKS = 2  # second looks at start=0 before calling a server's paging broken
+MAX_DOUBTS = 5  # confirming requests of an end that recordsTotal contradicts (a Pager default)
 
 T = t.TypeVar("T")
 
@@ -39,10 +40,15 @@ class Cancelled(Exception):  # noqa: N818 - it is a state, not a failure of its 
 
 @dataclass(frozen=True)
 class Request:
-    """One list request: ``start`` (offset) and ``limit``."""
+    """One list request: ``start`` (offset) and ``limit``; after a backoff if ``backoff`` > 0.
+
+    ``backoff`` is the attempt number of the wait before sending (as for a retry); it
+    takes no part in equality: the same page asked after a wait is the same page.
+    """
 
     start: int
     limit: int
+    backoff: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,7 @@ class Step:
 
     emit_from: int
     discard: bool = False  # the pages in flight were planned on a wrong guess: drop them
+    doubt: str = ""  # the end this page suggests is doubtful: why (for the log); confirming
 
 
 def parse_total(value: object) -> int | None:
@@ -113,10 +120,21 @@ class Pager:
       serving one record per page cannot be anchored), the one-record list is
       proven by an empty page at ``start=1`` and the record re-read at 0 (the
       anchor, or the same record twice). Rechecks (``MAX_RECHECKS``) are counted
-      from the last page that brought something new.
+      from the last page that brought something new;
+    - an end must agree with the server's own count: when the ending page's
+      ``recordsTotal`` says the list is longer than that page shows (``start``
+      plus its records), the end is doubtful (a page served short once, an empty
+      list served while the total is not zero). The same offset is asked again
+      with another limit, after a backoff, up to ``max_doubts`` times; a real end
+      stays, a glitch goes. If the contradiction stays, fail naming both numbers.
+      A total below what the page shows is a stale hint and harmless. With
+      ``strict`` (mirror mode, where the target deletes what it did not get), an
+      end without a usable total is confirmed once the same way.
     """
 
     page_size: int
+    max_doubts: int = MAX_DOUBTS
+    strict: bool = False  # confirm an end that no total corroborates (mirror mode)
     last_id: int | None = field(default=None, init=False)  # the last id emitted
     first_id: int | None = field(default=None, init=False)  # the list's first, seen at start=0
     longest: int = field(default=0, init=False)  # most records one page has held
@@ -134,7 +152,8 @@ class Pager:
     _idle: int = field(default=0, init=False)
     _stalled: int = field(default=0, init=False)
     _idle_last: int | None = field(default=None, init=False)  # last id of the last idle page
-    _empty_rechecked: bool = field(default=False, init=False)
+    doubts: int = field(default=0, init=False)  # confirming requests of the current end
+    _confirming: bool = field(default=False, init=False)  # a confirming request is in flight
     _step_backs: int = field(default=0, init=False)
 
     @property
@@ -157,6 +176,7 @@ class Pager:
             and self.requests
             and self._probe is None
             and self._set_aside is None  # no guessing while a page is being checked
+            and not self._confirming
             and self.stride >= 2  # noqa: PLR2004 - a page must hold the anchor and one more
             and len(self.in_flight) + len(new) < window
         ):
@@ -178,6 +198,7 @@ class Pager:
             PagingError: If the server's pages cannot be paged safely.
         """
         request = self.in_flight.popleft()
+        self._confirming = False
         if self._probe is None and request == self._set_aside:
             self._set_aside = None  # the page set aside, read again
         start = request.start
@@ -186,7 +207,7 @@ class Pager:
         if hint is not None:
             self.total = hint
         self.longest = max(self.longest, len(ids))
-        step = self._check_or_probe(request, ids)
+        step = self._check_or_probe(request, ids, hint)
         if step is not None:
             return step
         if not self._anchored(start, ids):
@@ -204,16 +225,17 @@ class Pager:
             self._next = Request(start + len(ids) - 1, self.limit)
         return Step(first_new, discard=self._drop_mispredicted())
 
-    def _check_or_probe(self, request: Request, ids: list[int]) -> Step | None:
+    def _check_or_probe(self, request: Request, ids: list[int], hint: int | None) -> Step | None:
         if self._first_id_again(request, ids):
             return self._check_front(request, len(ids))
-        return self._after_probe(ids) if self._probe is not None else None
+        return self._after_probe(ids, hint) if self._probe is not None else None
 
     def _take(self, ids: list[int]) -> int:
         """Record the ids above the anchor as emitted; return the index of the first."""
         first_new = 0 if self.last_id is None else bisect.bisect_right(ids, self.last_id)
         if first_new < len(ids):
             self._idle, self._stalled, self._idle_last, self._rechecks = 0, 0, None, 0
+            self.doubts = 0
             self.last_id = ids[-1]
             self.emitted += len(ids) - first_new
         return first_new
@@ -223,15 +245,42 @@ class Pager:
     ) -> Step | None:
         """The step that ends paging, if this page proves the end (see class docstring)."""
         if not ids and start == 0:
-            if hint and not self._empty_rechecked:
-                # An empty list that the total contradicts: read the first page once more.
-                self._empty_rechecked = True
-                self._next = Request(0, self.page_size)
-                return Step(0, discard=self._drop_mispredicted())
-            return self._finish(0)
+            return self._end_if_undoubted(start, 0, hint, 0)  # an empty list
         if len(ids) == 1 < min(limit, self.longest):
-            return self._finish(first_new)  # the list ends with this (anchored) record
+            # The list ends with this (anchored) record.
+            return self._end_if_undoubted(start, start + 1, hint, first_new)
         return None
+
+    def _end_if_undoubted(self, start: int, shown: int, hint: int | None, first_new: int) -> Step:
+        """Finish, unless the server's total says more than the ``shown`` records remain.
+
+        Raises:
+            PagingError: If the contradiction stays after ``max_doubts`` confirmations.
+        """
+        if hint is not None and hint > shown:
+            doubt = (
+                f"an empty list while its recordsTotal says {hint}"
+                if shown == 0
+                else f"pages that end after {shown} records (the page at start={start} holds "
+                f"the last one alone) while its recordsTotal says {hint}"
+            )
+        elif hint is None and self.strict and not self.doubts:
+            doubt = f"pages that end after {shown} records, and no usable recordsTotal"
+        else:
+            return self._finish(first_new)
+        self.doubts += 1
+        if self.doubts > self.max_doubts:
+            msg = (
+                f"Invoca served {doubt}, {self.max_doubts} time(s) more when asked again: "
+                "the list cannot be proven complete; run the sync again later"
+            )
+            raise PagingError(msg)
+        # The same offset with another limit, after a backoff: a glitch passes, an end stays.
+        other_limit = self.page_size if start and self.page_size > 1 else self.page_size + 2
+        self._next = Request(start, other_limit, backoff=self.doubts)
+        self._confirming = True
+        self.in_flight.clear()
+        return Step(first_new, discard=True, doubt=f"Invoca served {doubt}")
 
     def _first_id_again(self, request: Request, ids: list[int]) -> bool:
         """Note the first id at ``start=0``; True if a page at ``start > 0`` begins with it."""
@@ -310,7 +359,7 @@ class Pager:
             )
             raise PagingError(msg)
 
-    def _after_probe(self, ids: list[int]) -> Step | None:
+    def _after_probe(self, ids: list[int], hint: int | None) -> Step | None:
         if self._probe == "front":
             # Read the page set aside again: a server that ignores 'start' repeats itself.
             self._probe, self.first_id = None, (ids[0] if ids else None)
@@ -328,7 +377,7 @@ class Pager:
             # the anchor, or the same record twice in a row (a record that replaced it).
             # Otherwise a record may have been inserted before the last one: look again.
             if ids[0] in (self.last_id, self._lone):
-                return self._finish(self._take(ids))
+                return self._end_if_undoubted(0, 1, hint, self._take(ids))
             self._lone = ids[0]
             probe = "recheck"
         if probe == "recheck" and len(ids) <= 1:
@@ -365,11 +414,15 @@ class RetryPolicy:
         if retry_after is not None:
             seconds = min(retry_after, self.max_single_wait)
         else:
-            seconds = min(self.initial_wait * 2 ** (attempt - 1), self.max_single_wait)
-            seconds *= 0.5 + 0.5 * self.jitter()
+            seconds = self.backoff(attempt)
         if attempt >= self.max_tries or waited + seconds > self.budget_seconds:
             return None
         return seconds
+
+    def backoff(self, attempt: int) -> float:
+        """The jittered exponential wait after attempt ``attempt`` (no bounds applied)."""
+        seconds = min(self.initial_wait * 2 ** (attempt - 1), self.max_single_wait)
+        return seconds * (0.5 + 0.5 * self.jitter())
 
     def give_up_message(self, attempt: int, waited: float, failure: str) -> str:
         """The one-line error once retries are exhausted."""

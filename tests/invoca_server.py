@@ -198,6 +198,9 @@ class Faults:
     total_value: int = 0  # the recordsTotal sent when total_form is "fixed"
     bad_ids: str = ""  # "duplicate" or "unsorted": ids of the list page number bad_ids_page
     bad_ids_page: int = 1
+    # Glitches with a true recordsTotal: list page number (from 1) -> "lone" (only the
+    # page's first record) or "empty" (no record): a server that misbehaves once.
+    glitch_pages: dict[int, str] = dataclasses.field(default_factory=dict)
     trickle_every: int = 0  # every K-th request: a list body sent trickle_bytes at a time...
     trickle_bytes: int = 1
     trickle_delay: float = 0.05  # ...with this many seconds between the pieces
@@ -381,6 +384,9 @@ class InvocaServer:
         if faults.page_cap:
             limit = min(limit, faults.page_cap)
         ids = listing[start : start + limit]
+        glitch = faults.glitch_pages.get(page_number)
+        if glitch:
+            ids = ids[:1] if glitch == "lone" else []
         if faults.bad_ids and page_number == faults.bad_ids_page and len(ids) >= 2:
             ids = [ids[0], *ids] if faults.bad_ids == "duplicate" else [ids[1], ids[0], *ids[2:]]
         with self.lock:
@@ -597,7 +603,7 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-NOT_ON_CLI = {"status_every", "on_list_page"}
+NOT_ON_CLI = {"status_every", "on_list_page", "glitch_pages"}
 
 
 def main() -> None:
