@@ -479,8 +479,11 @@ class InvocaStream(SeamStream):
         """
         params = {**self.filter_params(), "limit": request.limit, "start": request.start}
         policy = self.retry_policy
-        if request.backoff and cancel.wait(policy.backoff(request.backoff)):
-            raise Cancelled  # a confirming request (see Pager), dropped while it waited
+        if request.backoff:  # a request confirming a doubtful end (see Pager)
+            with self._lock:
+                self.retry_count += 1
+            if cancel.wait(policy.backoff(request.backoff)):
+                raise Cancelled
         waited = 0.0
         attempt = 0
         while True:

@@ -129,7 +129,9 @@ class Pager:
       stays, a glitch goes. If the contradiction stays, fail naming both numbers.
       A total below what the page shows is a stale hint and harmless. With
       ``strict`` (mirror mode, where the target deletes what it did not get), an
-      end without a usable total is confirmed once the same way.
+      end that no total corroborates (none, or one below what the pages show, or
+      an empty list) is confirmed once the same way; so is an end whose page has
+      no total while an earlier page's total said more.
     """
 
     page_size: int
@@ -264,19 +266,31 @@ class Pager:
                 else f"pages that end after {shown} records (the page at start={start} holds "
                 f"the last one alone) while its recordsTotal says {hint}"
             )
-        elif hint is None and self.strict and not self.doubts:
-            doubt = f"pages that end after {shown} records, and no usable recordsTotal"
+        elif not self.doubts and hint is None and self.total is not None and self.total > shown:
+            # This page has no total, but an earlier one said more: look once more
+            # (only once: the earlier total may be stale after deletions).
+            doubt = (
+                f"pages that end after {shown} records while an earlier recordsTotal "
+                f"said {self.total}"
+            )
+        elif self.strict and not self.doubts and (hint is None or hint < shown or shown == 0):
+            # Mirror mode: only a total equal to what the pages show corroborates an end.
+            doubt = f"pages that end after {shown} records, and no recordsTotal that agrees"
         else:
             return self._finish(first_new)
         self.doubts += 1
-        if self.doubts > self.max_doubts:
+        if self.doubts > self.max_doubts and hint is not None and hint > shown:
+            again = f", {self.max_doubts} time(s) more when asked again" if self.max_doubts else ""
             msg = (
-                f"Invoca served {doubt}, {self.max_doubts} time(s) more when asked again: "
-                "the list cannot be proven complete; run the sync again later"
+                f"Invoca served {doubt}{again}: the list cannot be proven complete; run the "
+                "sync again later"
             )
             raise PagingError(msg)
-        # The same offset with another limit, after a backoff: a glitch passes, an end stays.
-        other_limit = self.page_size if start and self.page_size > 1 else self.page_size + 2
+        # The same offset with another limit (two, alternately: a cache keyed by URL
+        # cannot hand back one glitch every time), after a backoff: a glitch passes,
+        # an end stays.
+        smaller = start and self.page_size > 1 and self.doubts % 2
+        other_limit = self.page_size if smaller else self.page_size + 2
         self._next = Request(start, other_limit, backoff=self.doubts)
         self._confirming = True
         self.in_flight.clear()

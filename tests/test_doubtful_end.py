@@ -106,3 +106,28 @@ def test_a_consistent_total_needs_no_confirmation(tmp_path: Path, server: Invoca
     assert run.returncode == 0, run.stderr
     assert "confirm" not in run.stderr
     assert activations(run) == 1
+
+
+@pytest.mark.parametrize(
+    ("total_form", "glitches"), [("page_len", {2: "lone"}), ("page_len", {1: "empty"})]
+)
+def test_mirror_mode_does_not_take_a_lower_total_for_proof(
+    tmp_path: Path, make_server: Factory, total_form: str, glitches: dict[int, str]
+) -> None:
+    # Found by review: a total equal to the page's length let one glitch end a
+    # mirror run with 100 of 1000 records (or none) and ACTIVATE_VERSION.
+    server = make_server(1000, faults=Faults(total_form=total_form, glitch_pages=glitches))
+    run = sync(tmp_path, server, mirror=True, max_concurrency=1)
+    assert run.returncode == 0, run.stderr
+    assert [r["id"] for r in run.records] == server.ids()
+    assert activations(run) == 1
+
+
+def test_mirror_mode_with_one_try_does_not_fail_an_honest_end(
+    tmp_path: Path, make_server: Factory
+) -> None:
+    server = make_server(250, faults=Faults(total_form="absent"))
+    run = sync(tmp_path, server, mirror=True, max_tries=1)
+    assert run.returncode == 0, run.stderr
+    assert len(run.records) == 250
+    assert activations(run) == 1
