@@ -17,10 +17,12 @@ import sys
 import typing as t
 
 from singer_sdk import Tap
+from singer_sdk._logging import _setup_console_logging
 from singer_sdk.configuration._dict_config import parse_environment_config
 from singer_sdk.exceptions import ConfigValidationError
 from singer_sdk.helpers._classproperty import classproperty
 from singer_sdk.mapper import SameRecordTransform
+from singer_sdk.plugin_base import _plugin_log_level
 from singer_sdk.streams import RESTStream
 
 from tap_invoca_destinations.output import BufferedSingerWriter, OutputClosed
@@ -65,6 +67,11 @@ def env_value_errors(schema: dict[str, t.Any], prefix: str) -> list[str]:
             except ValueError:
                 errors.append(f"{name} must be JSON ({key} is an {'/'.join(sorted(kinds))})")
     return errors
+
+
+def setup_console_logging(plugin_name: str) -> None:
+    """Log to stderr as the SDK's CLI does (its format; LOGLEVEL), for another front end."""
+    _setup_console_logging(log_level=_plugin_log_level(plugin_name=plugin_name))
 
 
 class SeamTap(Tap):
@@ -144,6 +151,7 @@ class SeamStream(RESTStream[int]):
         self._direct_write: bool | None = None
         self._deferred_version: int | None = None
         self.time_extracted = ""  # RFC 3339; set by the stream per page
+        self.committed_bookmark: str | None = None  # what commit_bookmark handed over
 
     @property
     def plugin_version(self) -> str:
@@ -209,6 +217,7 @@ class SeamStream(RESTStream[int]):
     def commit_bookmark(self, value: str) -> None:
         """Hand the sync's bookmark to the SDK's state machinery, once per sync."""
         key = t.cast("str", self.replication_key)
+        self.committed_bookmark = value
         super()._increment_stream_state({key: value}, context=self.context)
 
     # --- mirror mode: ACTIVATE_VERSION only after a complete read ------------
