@@ -420,7 +420,7 @@ class Source:
         safe_state = {CURSOR: bookmark} if incremental and is_trusted(bookmark) else {}
         self.stream_started = True
         self.emit(status_message("STARTED"))
-        count = self.read_records(stream, safe_state, observe=incremental)
+        count = self.read_records(stream, safe_state)
         final: dict[str, t.Any] = {}
         if incremental:
             committed = stream.committed_bookmark
@@ -428,24 +428,19 @@ class Source:
         self.emit(state_message(final, count))
         self.emit(status_message("COMPLETE"))
 
-    def read_records(
-        self, stream: DestinationsStream, safe_state: dict[str, t.Any], *, observe: bool
-    ) -> int:
+    def read_records(self, stream: DestinationsStream, safe_state: dict[str, t.Any]) -> int:
         """Write the stream's records; return how many came after the last checkpoint.
 
         Checkpoints repeat the starting bookmark: records come in id order, so only
         the final STATE, after the whole list was read, may move it.
         """
         write = self.writer.write_record
-        observe_value = stream.observe_replication_value
         count = 0
         running = False
-        for record in stream.get_records(None):
+        for record in stream.records_for_another_front_end():
             if not running:
                 running = True
                 self.emit(status_message("RUNNING"))
-            if observe:
-                observe_value(record[CURSOR])
             data = {"stream": STREAM, "data": record, "emitted_at": now_ms()}
             write({"type": "RECORD", "record": data})
             count += 1

@@ -214,6 +214,22 @@ class SeamStream(RESTStream[int]):
     def observe_replication_value(self, value: t.Any) -> None:  # noqa: ANN401
         """Note one emitted record's replication key value (a hook for the stream)."""
 
+    def records_for_another_front_end(self) -> t.Iterator[dict[str, t.Any]]:
+        """The stream's records, with its bookmark kept as the SDK's sync keeps it.
+
+        For a front end other than the SDK's sync (the Airbyte source): Stream.sync
+        first loads the state's bookmark (a private step), then notes each record's
+        replication value; this does both around ``get_records``.
+        """
+        self._write_starting_replication_value(None)
+        key = t.cast("str", self.replication_key)
+        incremental = self.replication_method == "INCREMENTAL"
+        observe = self.observe_replication_value
+        for record in self.get_records(None):
+            if incremental:
+                observe(record[key])
+            yield record
+
     def commit_bookmark(self, value: str) -> None:
         """Hand the sync's bookmark to the SDK's state machinery, once per sync."""
         key = t.cast("str", self.replication_key)
