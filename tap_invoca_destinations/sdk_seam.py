@@ -17,12 +17,10 @@ import sys
 import typing as t
 
 from singer_sdk import Tap
-from singer_sdk._logging import _setup_console_logging
 from singer_sdk.configuration._dict_config import parse_environment_config
 from singer_sdk.exceptions import ConfigValidationError
 from singer_sdk.helpers._classproperty import classproperty
 from singer_sdk.mapper import SameRecordTransform
-from singer_sdk.plugin_base import _plugin_log_level
 from singer_sdk.streams import RESTStream
 
 from tap_invoca_destinations.output import BufferedSingerWriter, OutputClosed
@@ -71,6 +69,10 @@ def env_value_errors(schema: dict[str, t.Any], prefix: str) -> list[str]:
 
 def setup_console_logging(plugin_name: str) -> None:
     """Log to stderr as the SDK's CLI does (its format; LOGLEVEL), for another front end."""
+    # Imported here: a rename in a new SDK must not break the Singer tap's import.
+    from singer_sdk._logging import _setup_console_logging  # noqa: PLC0415
+    from singer_sdk.plugin_base import _plugin_log_level  # noqa: PLC0415
+
     _setup_console_logging(log_level=_plugin_log_level(plugin_name=plugin_name))
 
 
