@@ -75,6 +75,20 @@ HINTS: dict[int, str] = {
 class InvocaError(FatalAPIError):
     """A failure the tap reports on one line and exits non-zero for."""
 
+    failure_type = "system_error"  # the Airbyte source's failure type (see subclasses)
+
+
+class InvocaConfigError(InvocaError):
+    """A failure the user must fix: the token, network, version, a setting, the state."""
+
+    failure_type = "config_error"
+
+
+class InvocaTransientError(InvocaError):
+    """Retries ran out on failures that may pass (429, 5xx, timeouts, dropped connections)."""
+
+    failure_type = "transient_error"
+
 
 class RetriableReply(Exception):  # noqa: N818 - a signal to the retry loop, caught there
     """A response worth another try (429, 5xx)."""
@@ -240,11 +254,13 @@ def check_status(reply: Reply) -> None:
             f"{reply.where}: Invoca redirects to {target.scheme}://{target.netloc}{target.path}"
             " (set base_url to that host)"
         )
-        raise InvocaError(msg)
+        raise InvocaConfigError(msg)
     if reply.status in RETRIABLE_STATUSES:
         raise RetriableReply(reply)
-    if reply.status >= HTTPStatus.MULTIPLE_CHOICES:
+    if reply.status >= HTTPStatus.INTERNAL_SERVER_ERROR:
         raise InvocaError(error_message(reply))
+    if reply.status >= HTTPStatus.MULTIPLE_CHOICES:
+        raise InvocaConfigError(error_message(reply))  # 401, 403, 404: the request's arguments
 
 
 def decode_page(reply: Reply) -> Page:
@@ -503,7 +519,7 @@ class InvocaStream(SeamStream):
                 raise Cancelled  # no longer wanted: neither retried nor logged
             wait = policy.wait(attempt, waited, retry_after)
             if wait is None:
-                raise InvocaError(policy.give_up_message(attempt, waited, failure))
+                raise InvocaTransientError(policy.give_up_message(attempt, waited, failure))
             with self._lock:
                 self.retry_count += 1
             self.logger.warning(
@@ -529,20 +545,20 @@ class InvocaStream(SeamStream):
         if isinstance(exc, requests.exceptions.SSLError):
             host = urlparse(self.url_base).netloc
             msg = f"TLS error talking to {host}: {transport_reason(exc)}"
-            raise InvocaError(msg) from None
+            raise InvocaConfigError(msg) from None
         if isinstance(exc, requests.exceptions.InvalidHeader):
             # Its message quotes the header value, which may be the token.
             msg = (
                 "a request header has an invalid value (control characters or surrounding "
                 "whitespace?): check api_token and user_agent"
             )
-            raise InvocaError(msg) from None
+            raise InvocaConfigError(msg) from None
         if isinstance(exc, RETRIABLE_TRANSPORT):
             reason = type(exc).__name__
             return reason, f"{reason} for GET {self.path}: {transport_reason(exc)}"
         # E.g. a CA bundle that cannot be read: retrying will not help.
         msg = f"cannot send GET {self.path}: {transport_reason(exc)}"
-        raise InvocaError(msg) from None
+        raise InvocaConfigError(msg) from None
 
     def _lower_concurrency(self) -> None:
         window = self._window

@@ -67,6 +67,15 @@ def env_value_errors(schema: dict[str, t.Any], prefix: str) -> list[str]:
     return errors
 
 
+def setup_console_logging(plugin_name: str) -> None:
+    """Log to stderr as the SDK's CLI does (its format; LOGLEVEL), for another front end."""
+    # Imported here: a rename in a new SDK must not break the Singer tap's import.
+    from singer_sdk._logging import _setup_console_logging  # noqa: PLC0415
+    from singer_sdk.plugin_base import _plugin_log_level  # noqa: PLC0415
+
+    _setup_console_logging(log_level=_plugin_log_level(plugin_name=plugin_name))
+
+
 class SeamTap(Tap):
     """Tap base: config parsing and validation, and what a stop signal does."""
 
@@ -144,6 +153,7 @@ class SeamStream(RESTStream[int]):
         self._direct_write: bool | None = None
         self._deferred_version: int | None = None
         self.time_extracted = ""  # RFC 3339; set by the stream per page
+        self.committed_bookmark: str | None = None  # what commit_bookmark handed over
 
     @property
     def plugin_version(self) -> str:
@@ -206,9 +216,26 @@ class SeamStream(RESTStream[int]):
     def observe_replication_value(self, value: t.Any) -> None:  # noqa: ANN401
         """Note one emitted record's replication key value (a hook for the stream)."""
 
+    def records_for_another_front_end(self) -> t.Iterator[dict[str, t.Any]]:
+        """The stream's records, with its bookmark kept as the SDK's sync keeps it.
+
+        For a front end other than the SDK's sync (the Airbyte source): Stream.sync
+        first loads the state's bookmark (a private step), then notes each record's
+        replication value; this does both around ``get_records``.
+        """
+        self._write_starting_replication_value(None)
+        key = t.cast("str", self.replication_key)
+        incremental = self.replication_method == "INCREMENTAL"
+        observe = self.observe_replication_value
+        for record in self.get_records(None):
+            if incremental:
+                observe(record[key])
+            yield record
+
     def commit_bookmark(self, value: str) -> None:
         """Hand the sync's bookmark to the SDK's state machinery, once per sync."""
         key = t.cast("str", self.replication_key)
+        self.committed_bookmark = value
         super()._increment_stream_state({key: value}, context=self.context)
 
     # --- mirror mode: ACTIVATE_VERSION only after a complete read ------------

@@ -9,7 +9,12 @@ import typing as t
 from singer_sdk import typing as th
 from singer_sdk.helpers.conform import TypeConformanceLevel
 
-from tap_invoca_destinations.client import DEFAULT_API_VERSION, InvocaError, InvocaStream
+from tap_invoca_destinations.client import (
+    DEFAULT_API_VERSION,
+    InvocaConfigError,
+    InvocaError,
+    InvocaStream,
+)
 from tap_invoca_destinations.records import (
     BOOLEAN,
     COLUMNS,
@@ -184,7 +189,7 @@ class DestinationsStream(InvocaStream):
                 f"state: the bookmark of stream '{self.name}' (replication_key_value) is not "
                 f"a timestamp string: {bookmark!r}"
             )
-            raise InvocaError(msg)
+            raise InvocaConfigError(msg)
         self._starting_bookmark = _utc_text(moment)
         if moment > self._sync_started_at:
             self.logger.warning(

@@ -11,6 +11,9 @@ from invoca_server import Faults, InvocaServer
 
 if t.TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
+
+    from frontends import Frontend
 
 
 def check_exactly_once(server: InvocaServer, initial: list[int], emitted: list[int]) -> None:
@@ -64,14 +67,15 @@ def test_changes_mid_sync_lose_nothing_and_repeat_nothing(
 
 @pytest.mark.parametrize("concurrency", [1, 4])
 def test_changes_with_a_page_cap(
-    make_server: Callable[..., InvocaServer], concurrency: int
+    tmp_path: Path, make_server: Callable[..., InvocaServer], frontend: Frontend, concurrency: int
 ) -> None:
     faults = Faults(
         page_cap=13, mutate_after_page=3, delete_count=20, insert_count=9, insert_at="front"
     )
     server = make_server(300, faults=faults)
     initial = server.ids()
-    run = run_in_process(config_for(server, page_size=50, max_concurrency=concurrency))
+    run = frontend.run(tmp_path, config_for(server, page_size=50, max_concurrency=concurrency))
+    assert run.returncode == 0, run.stderr
     check_exactly_once(server, initial, [r["id"] for r in run.records])
 
 
