@@ -35,6 +35,8 @@ from tap_invoca_destinations.paging import (
     PrefetchWindow,
     Request,
     RetryPolicy,
+    Step,
+    UnsettledListError,
 )
 from tap_invoca_destinations.sdk_seam import SeamStream
 
@@ -299,6 +301,21 @@ def decode_page(reply: Reply) -> Page:
             msg = f"{reply.where}: a destination has no integer id ({raw_id!r})"
             raise InvocaError(msg) from None
     return Page(records=data, ids=ids, total=body.get("recordsTotal"))
+
+
+def feed_pager(pager: Pager, page: Page) -> Step:
+    """Feed one page's facts to the pager, turning its refusals into the tap's errors.
+
+    Raises:
+        InvocaTransientError: If the list could not be read whole now (a later run may).
+        InvocaError: If the server's paging is broken.
+    """
+    try:
+        return pager.feed(page.ids, page.total)
+    except UnsettledListError as exc:
+        raise InvocaTransientError(str(exc)) from None
+    except PagingError as exc:
+        raise InvocaError(str(exc)) from None
 
 
 class InvocaStream(SeamStream):
@@ -596,10 +613,7 @@ class InvocaStream(SeamStream):
                     window.submit(request)
                 while len(window):
                     _, page = window.pop()
-                    try:
-                        step = pager.feed(page.ids, page.total)
-                    except PagingError as exc:
-                        raise InvocaError(str(exc)) from None
+                    step = feed_pager(pager, page)
                     if step.discard:
                         window.discard()
                     if step.doubt:

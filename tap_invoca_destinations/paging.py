@@ -34,6 +34,13 @@ class PagingError(Exception):
     """Paging cannot go on safely; the message says what the server did."""
 
 
+class UnsettledListError(PagingError):
+    """The list could not be read whole now (it kept changing, or its end stayed doubtful).
+
+    The server's paging is not broken: a later run may well succeed.
+    """
+
+
 class Cancelled(Exception):  # noqa: N818 - it is a state, not a failure of its own
     """A fetch was given up because its result is no longer wanted."""
 
@@ -285,7 +292,7 @@ class Pager:
                 f"Invoca served {doubt}{again}: the list cannot be proven complete; run the "
                 "sync again later"
             )
-            raise PagingError(msg)
+            raise UnsettledListError(msg)
         # The same offset with another limit (two, alternately: a cache keyed by URL
         # cannot hand back one glitch every time), after a backoff: a glitch passes,
         # an end stays.
@@ -342,7 +349,7 @@ class Pager:
                 f"the list kept shrinking under the tap ({MAX_STEP_BACKS} re-reads); "
                 "run the sync again later"
             )
-            raise PagingError(msg)
+            raise UnsettledListError(msg)
         self._next = Request(max(0, start - max(self.stride - 1, 1)), self.limit)
         self.in_flight.clear()
         return Step(received, discard=True)

@@ -312,6 +312,7 @@ def test_checkpoints_count_exactly_and_never_move_the_bookmark(
         (Faults(fail_every=1, fail_status=503), {"max_tries": 2}, "transient_error", "gave up"),
         (Faults(ignore_start=True), {}, "system_error", "ignores 'start'"),
         (Faults(non_utf8_every=2), {}, "system_error", "not UTF-8"),
+        (Faults(total_form="plus_one"), {}, "transient_error", "recordsTotal says 301"),
     ],
 )
 def test_failures_are_one_trace_error_of_the_right_type(  # noqa: PLR0913, PLR0917
