@@ -256,7 +256,7 @@ def _too_big(response: requests.Response, what: str, records: int) -> InvocaErro
     body = f"the {encoding}-compressed body inflated" if encoding else "the body grew"
     return InvocaError(
         f"HTTP {response.status_code} for GET {urlparse(response.url).path}: {body} past "
-        f"{what}, far more than a page of {records} destinations holds; Invoca sent "
+        f"{what}, far more than the {records} destinations asked for need; Invoca sent "
         "something other than a page"
     )
 
