@@ -22,9 +22,12 @@ ODD_TOKEN = "SECRET-'q\"b\\s/p+e=a&z%~"  # noqa: S105 - a marker with characters
 
 def forms(token: str) -> set[str]:
     """Every form a token is commonly printed in."""
+    backslashed = token.replace("\\", "\\\\")
     return {
         token,
         repr(token)[1:-1],
+        backslashed,  # inside the repr of a longer text ...
+        backslashed.replace("'", "\\'"),  # ... that holds " as well
         json.dumps(token)[1:-1],
         json.dumps(token, ensure_ascii=False)[1:-1],
         quote(token, safe=""),
@@ -73,3 +76,48 @@ def test_an_odd_token_appears_in_no_form_at_debug(
     assert run.returncode == (0 if status is None else 1), run.stderr
     assert_nowhere(ODD_TOKEN, run.stdout, run.stderr)
     assert server.stats.token_in_url == 0
+
+
+# --- Quoted bodies: redacted before they are escaped or cut --------------------
+
+QUOTE_TOKEN = "Tq'7\"x\\kZ-91ab/+&=%~"  # noqa: S105 - ' and " and \ : every escape differs
+NEAR_THE_CUT = 285  # a quote is cut at 300 characters: the token straddles the cut
+QUOTED_BODIES = {
+    # A page that is not JSON, holding " as well as the token's ': repr escapes the ' .
+    "html page": (200, '<p class="note">token {token} here</p>'),
+    "html page, token at the cut": (200, '<p class="n">' + "x" * NEAR_THE_CUT + "{token}</p>"),
+    "JSON without data": (200, '{"note": "{token_json}", "q": "\'"}'),
+    "403 errors": (403, '{"errors": {"invalid_data": "bad token {token_json}", "class": "X"}}'),
+    "403 nested errors": (403, '{"errors": {"invalid_data": [{"token": "{token_json}"}]}}'),
+    "403 errors, token at the cut": (
+        403,
+        '{"errors": {"invalid_data": "' + "y" * NEAR_THE_CUT + '{token_json}"}}',
+    ),
+    "403 not JSON, token at the cut": (403, '"' + "z" * NEAR_THE_CUT + "{token}"),
+    "500 until retries run out": (500, '{"errors": {"handle": "ERR {token_json} \\" \'"}}'),
+}
+
+
+def assert_no_part(token: str, *outputs: str) -> None:
+    """No form of the token, nor of any start of it from 4 characters on."""
+    for size in range(4, len(token) + 1):
+        assert_nowhere(token[:size], *outputs)
+
+
+@pytest.mark.parametrize("level", ["DEBUG", "INFO", "ERROR"])
+@pytest.mark.parametrize("body", list(QUOTED_BODIES))
+def test_a_quoted_body_never_shows_the_token_escaped_or_cut(
+    tmp_path: Path, make_server: Callable[..., InvocaServer], body: str, level: str
+) -> None:
+    status, text = QUOTED_BODIES[body]
+    faults = Faults(body_every=1, body_status=status, body_text=text)
+    server = make_server(120, token=QUOTE_TOKEN, faults=faults)
+    settings = config_for(server, page_size=50, max_tries=2, max_concurrency=1)
+    run = run_cli(tmp_path, settings, env={"LOGLEVEL": level})
+    assert run.returncode == 1, run.stderr
+    assert server.stats.statuses[status] >= 1
+    failure = [line for line in run.stderr.splitlines() if "Sync failed" in line]
+    assert len(failure) == 1, run.stderr
+    # The quote reached the token: redacted, or cut where the token was.
+    assert "<redacted>" in failure[0] or ("cut" in body and "…" in failure[0]), failure[0]
+    assert_no_part(QUOTE_TOKEN, run.stdout, run.stderr)
