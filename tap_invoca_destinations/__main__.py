@@ -6,6 +6,8 @@ import os
 import signal
 import sys
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
 
 def _stop_during_start_up(signum: int, _frame: object) -> None:
     # Until the tap installs its own handler, a stop needs no cleanup: nothing was sent.
@@ -25,7 +27,7 @@ def _config_paths(argv: list[str]) -> list[str]:
 
 def main() -> None:
     """Run the tap's CLI; a failure before the tap is running is one line, not a traceback."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, _stop_during_start_up)  # the SDK's imports take a while
     from tap_invoca_destinations.tap import (  # noqa: PLC0415
         InputFileError,

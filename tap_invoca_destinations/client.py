@@ -10,6 +10,7 @@ import datetime as dt
 import email.utils
 import ipaddress
 import json
+import math
 import sys
 import threading
 import time
@@ -19,12 +20,13 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from functools import cached_property
 from http import HTTPStatus
-from urllib.parse import urlparse
+from urllib.parse import quote, quote_plus, urlparse
 
 import msgspec
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
+from requests.auth import AuthBase
 from singer_sdk import metrics
 from singer_sdk.exceptions import FatalAPIError
 
@@ -61,7 +63,11 @@ RETRIABLE_TRANSPORT = (
 )
 BODY_QUOTE_CHARS = 300
 READ_CHUNK = 256 * 1024
-MAX_BODY_BYTES = 256 * 1024 * 1024  # a page of 100 destinations is ~100 KB; this is no page
+MAX_BODY_BYTES = 256 * 1024 * 1024  # the cap of the per-response bound below, whatever the page
+BODY_BASE_BYTES = 1024 * 1024  # envelope and error pages
+BODY_BYTES_PER_RECORD = 16 * 1024  # a destination is ~1 KB on the wire: 16x slack
+BODIES_IN_FLIGHT_BYTES = 64 * 1024 * 1024  # all bodies being read at once (at least 2 pages)
+REDACTED = "<redacted>"
 PROGRESS_INTERVAL_SECONDS = 30.0  # wall time between progress lines of a long sync
 DEFAULT_BASE_URL = "https://invoca.net"
 DEFAULT_API_VERSION = "2022-08-01"
@@ -113,6 +119,7 @@ class Reply:
     headers: Mapping[str, str]
     body: bytes
     seconds: float
+    secrets: tuple[str, ...] = ()  # redacted from every quote of this reply
 
     @property
     def where(self) -> str:
@@ -120,8 +127,12 @@ class Reply:
         return f"HTTP {self.status} for GET {self.path}"
 
     def quote(self) -> str:
-        """The start of the body, decoded leniently, for an error message."""
-        return repr(quote_body(self.body[: BODY_QUOTE_CHARS * 4].decode("utf-8", "replace")))
+        """The start of the body, decoded leniently, for an error message (secrets redacted).
+
+        The whole body is redacted before it is quoted and cut: ``repr`` escapes a
+        secret differently inside a longer text, and a cut can leave its start.
+        """
+        return repr(quote_body(self.body.decode("utf-8", "replace"), self.secrets))
 
 
 @dataclass
@@ -133,24 +144,64 @@ class Page:
     total: object  # recordsTotal as sent: only a hint
 
 
-def quote_body(text: str) -> str:
-    """Return the start of a response body, on one line, for an error message."""
-    flat = " ".join(text.split())
+def secret_forms(secret: str) -> list[str]:
+    """A secret as it may be printed: raw, escaped (JSON, ``repr`` in any text), URL-encoded.
+
+    Longest first, so that a form holding another is replaced whole.
+    """
+    backslashed = secret.replace("\\", "\\\\")
+    forms = {
+        secret,
+        repr(secret)[1:-1],
+        backslashed,  # repr of a longer text that holds the secret: ' left alone ...
+        backslashed.replace("'", "\\'"),  # ... or escaped, when that text holds " too
+        json.dumps(secret)[1:-1],
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+        json.dumps(secret)[1:-1].replace("/", "\\/"),  # JSON encoders that escape /
+        quote(secret, safe=""),
+        quote_plus(secret),
+    }
+    return sorted((form for form in forms if form), key=len, reverse=True)
+
+
+def redact(text: str, secrets: t.Iterable[str]) -> str:
+    """Return ``text`` with every form of each secret replaced by ``<redacted>``."""
+    for secret in secrets:
+        for form in secret_forms(secret):
+            if form in text:
+                text = text.replace(form, REDACTED)
+    return text
+
+
+def quote_body(text: str, secrets: t.Iterable[str] = ()) -> str:
+    """Return the start of a response body, on one line, for an error message.
+
+    Secrets are redacted before the text is flattened and cut, so neither can
+    leave part of one.
+    """
+    secrets = tuple(secrets)
+    flat = redact(" ".join(redact(text, secrets).split()), secrets)
     return flat if len(flat) <= BODY_QUOTE_CHARS else flat[:BODY_QUOTE_CHARS] + "…"
 
 
 def retry_after_seconds(header: str | None) -> float | None:
-    """Parse a Retry-After header (delta-seconds or HTTP-date) into seconds from now."""
+    """Parse a Retry-After header (delta-seconds or HTTP-date) into seconds from now.
+
+    None for a value that is absent or invalid (negative, ``nan``, infinite,
+    unparseable): the caller then uses its usual backoff.
+    """
     if not header:
         return None
     header = header.strip()
     try:
-        return max(0.0, float(header))
+        seconds = float(header)
     except ValueError:
         pass
+    else:
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
     try:
         when = email.utils.parsedate_to_datetime(header)
-        return max(0.0, when.timestamp() - time.time())
+        return max(0.0, when.timestamp() - time.time())  # a date in the past: now
     except (TypeError, ValueError, OverflowError):  # absurd years overflow
         return None
 
@@ -188,46 +239,114 @@ def transport_reason(exc: BaseException) -> str:
     return " ".join(str(reason).split()) or type(reason).__name__
 
 
-def read_body(
-    response: requests.Response, deadline: float, abandoned: threading.Event, timeout: float
+def body_limit(records: int) -> int:
+    """The most bytes (inflated) a response asking for ``records`` destinations may hold."""
+    return min(BODY_BASE_BYTES + max(records, 1) * BODY_BYTES_PER_RECORD, MAX_BODY_BYTES)
+
+
+class BodyBudget:
+    """Bytes of the response bodies being read at once, by all requests in flight."""
+
+    def __init__(self, limit: int) -> None:
+        """Allow ``limit`` bytes in all."""
+        self.limit = limit
+        self._used = 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bool:
+        """Count ``size`` more bytes; False (nothing counted) if that would pass the limit."""
+        with self._lock:
+            if self._used + size > self.limit:
+                return False
+            self._used += size
+            return True
+
+    def give_back(self, size: int) -> None:
+        """Release bytes counted by ``take``."""
+        with self._lock:
+            self._used -= size
+
+
+def _too_big(response: requests.Response, what: str, records: int) -> InvocaError:
+    encoding = response.headers.get("Content-Encoding", "").strip()
+    body = f"the {encoding}-compressed body inflated" if encoding else "the body grew"
+    return InvocaError(
+        f"HTTP {response.status_code} for GET {urlparse(response.url).path}: {body} past "
+        f"{what}, far more than the {records} destinations asked for need; Invoca sent "
+        "something other than a page"
+    )
+
+
+def read_body(  # noqa: PLR0913 - the request's deadline and bounds
+    response: requests.Response,
+    deadline: float,
+    abandoned: threading.Event,
+    timeout: float,
+    *,
+    records: int = 100,
+    budget: BodyBudget | None = None,
 ) -> bytes:
     """Read a streamed body, giving up at the deadline even if bytes keep trickling in.
 
+    Memory stays bounded whatever the server sends (a compressed body may inflate
+    a thousandfold): the inflated body may hold at most ``body_limit(records)``
+    bytes, and all bodies being read at once at most what ``budget`` allows.
+
     Raises:
         requests.exceptions.ReadTimeout: If the body is not complete by the deadline.
-        InvocaError: If the body grows past ``MAX_BODY_BYTES`` (memory stays bounded).
+        InvocaError: If the body passes either bound.
     """
+    limit = body_limit(records)
     chunks = []
     size = 0
-    while chunk := response.raw.read1(READ_CHUNK, decode_content=True):
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            msg = (
-                f"HTTP {response.status_code} for GET {urlparse(response.url).path}: the body "
-                f"grew past {MAX_BODY_BYTES:,} bytes; lower page_size"
-            )
-            raise InvocaError(msg)
-        if abandoned.is_set() or time.monotonic() > deadline:
-            msg = f"no complete response within request_timeout={timeout:g} s"
-            raise requests.exceptions.ReadTimeout(msg)
-    return b"".join(chunks)
+    try:
+        while chunk := response.raw.read1(READ_CHUNK, decode_content=True):
+            if size + len(chunk) > limit:
+                raise _too_big(response, f"{limit:,} bytes", records)
+            if budget is not None and not budget.take(len(chunk)):
+                what = f"{budget.limit:,} bytes with the other responses being read"
+                raise _too_big(response, what, records)
+            chunks.append(chunk)
+            size += len(chunk)
+            if abandoned.is_set() or time.monotonic() > deadline:
+                msg = f"no complete response within request_timeout={timeout:g} s"
+                raise requests.exceptions.ReadTimeout(msg)
+        return b"".join(chunks)
+    finally:
+        if budget is not None:
+            budget.give_back(size)
+
+
+def _redact_json(value: object, secrets: tuple[str, ...]) -> object:
+    """``value`` (decoded JSON) with secrets redacted from every string, keys included."""
+    if isinstance(value, str):
+        return redact(value, secrets)
+    if isinstance(value, list):
+        return [_redact_json(item, secrets) for item in value]
+    if isinstance(value, dict):
+        return {redact(k, secrets): _redact_json(v, secrets) for k, v in value.items()}
+    return value
 
 
 def invoca_error_text(reply: Reply) -> str:
-    """Return Invoca's error text from an error body, or the start of the body."""
+    """Return Invoca's error text from an error body, or the start of the body.
+
+    Secrets are redacted from the decoded strings, before they are quoted or cut
+    (a JSON escape such as ``u0026`` hides a secret from a search of the raw text).
+    """
+    secrets = reply.secrets
     try:
-        body = json.loads(reply.body)
+        body = _redact_json(json.loads(reply.body), secrets)
     except (ValueError, RecursionError):
-        return quote_body(reply.body.decode("utf-8", "replace")) if reply.body else ""
+        return quote_body(reply.body.decode("utf-8", "replace"), secrets) if reply.body else ""
     errors = body.get("errors") if isinstance(body, dict) else None
     if isinstance(errors, dict):
         parts = []
         for key, value in errors.items():
             text = "; ".join(map(str, value)) if isinstance(value, list) else str(value)
             parts.append(f"{key}: {text}")
-        return quote_body(", ".join(parts))
-    return quote_body(json.dumps(body))
+        return quote_body(", ".join(parts), secrets)
+    return quote_body(json.dumps(body), secrets)
 
 
 def error_message(reply: Reply) -> str:
@@ -238,7 +357,7 @@ def error_message(reply: Reply) -> str:
         text += f": {detail}"
     if hint := HINTS.get(reply.status):
         text += f" ({hint})"
-    return text
+    return redact(text, reply.secrets)  # the reason phrase is the server's too
 
 
 def check_status(reply: Reply) -> None:
@@ -256,7 +375,7 @@ def check_status(reply: Reply) -> None:
             f"{reply.where}: Invoca redirects to {target.scheme}://{target.netloc}{target.path}"
             " (set base_url to that host)"
         )
-        raise InvocaConfigError(msg)
+        raise InvocaConfigError(redact(msg, reply.secrets))
     if reply.status in RETRIABLE_STATUSES:
         raise RetriableReply(reply)
     if reply.status >= HTTPStatus.INTERNAL_SERVER_ERROR:
@@ -316,6 +435,27 @@ def feed_pager(pager: Pager, page: Page) -> Step:
         raise InvocaTransientError(str(exc)) from None
     except PagingError as exc:
         raise InvocaError(str(exc)) from None
+
+
+class TokenAuth(AuthBase):
+    """Sends the token as the ``Authorization`` header.
+
+    As the session's auth it also keeps requests from putting Basic auth from
+    ``~/.netrc`` or ``user:pass@`` in the URL in place of the token.
+    """
+
+    def __init__(self, token: str) -> None:
+        """Send ``token``."""
+        self._token = token
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        """Set the header on ``request``."""
+        request.headers["Authorization"] = self._token
+        return request
+
+    def __repr__(self) -> str:
+        """Never the token."""
+        return "TokenAuth(<redacted>)"
 
 
 class InvocaStream(SeamStream):
@@ -381,7 +521,20 @@ class InvocaStream(SeamStream):
         session.trust_env = not (
             urlparse(self.url_base).scheme == "http" and is_loopback(self.url_base)
         )
+        session.auth = TokenAuth(self.config["api_token"])  # never ~/.netrc's Basic auth
         return session
+
+    @cached_property
+    def secrets(self) -> tuple[str, ...]:
+        """The token as used and as configured: redacted from every quoted reply."""
+        forms = {self.config.get("api_token"), *getattr(self._tap, "secret_forms", ())}
+        return tuple(form for form in forms if isinstance(form, str) and form.strip())
+
+    @cached_property
+    def body_budget(self) -> BodyBudget:
+        """The bound on the bytes of all response bodies being read at once."""
+        page = body_limit(int(self.config.get("page_size", 100)))
+        return BodyBudget(max(BODIES_IN_FLIGHT_BYTES, 2 * page))
 
     @property
     @override
@@ -458,7 +611,14 @@ class InvocaStream(SeamStream):
             stream=True,
         )
         try:
-            body = read_body(response, deadline, abandoned, self.timeout)
+            body = read_body(
+                response,
+                deadline,
+                abandoned,
+                self.timeout,
+                records=int(params.get("limit", 100)),
+                budget=self.body_budget,
+            )
         except BaseException:
             response.close()  # the connection is unusable: not back to the pool
             raise
@@ -469,6 +629,7 @@ class InvocaStream(SeamStream):
             headers=response.headers,
             body=body,
             seconds=time.monotonic() - began,
+            secrets=self.secrets,
         )
         self._note_reply(reply)
         return reply

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import collections
 import itertools
+import math
 import random
 import threading
 import typing as t
@@ -431,11 +432,15 @@ class RetryPolicy:
     jitter: Callable[[], float] = random.random  # a number in [0, 1)
 
     def wait(self, attempt: int, waited: float, retry_after: float | None) -> float | None:
-        """Seconds to wait before attempt ``attempt + 1``, or None to give up."""
-        if retry_after is not None:
+        """Seconds to wait before attempt ``attempt + 1``, or None to give up.
+
+        ``Retry-After`` lengthens the backoff, never shortens it: ``0``, a date in
+        the past, or an invalid value (negative, ``nan``, infinite) leaves the
+        usual backoff, so a server cannot turn it off.
+        """
+        seconds = self.backoff(attempt)
+        if retry_after is not None and math.isfinite(retry_after) and retry_after > seconds:
             seconds = min(retry_after, self.max_single_wait)
-        else:
-            seconds = self.backoff(attempt)
         if attempt >= self.max_tries or waited + seconds > self.budget_seconds:
             return None
         return seconds

@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import typing as t
 
 from singer_sdk import Tap
@@ -110,6 +112,14 @@ class SeamTap(Tap):
         for error in errors:
             self.logger.warning("Config: %s", error)
         return errors
+
+    @override
+    def _setup_signal_handlers(self) -> None:
+        # The SDK handles SIGINT and SIGTERM; a closed terminal or session (SIGHUP)
+        # would otherwise end the tap with no word and maybe half a line on stdout.
+        super()._setup_signal_handlers()
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, self._handle_termination)
 
     @override
     def _handle_termination(self, signum: int, frame: FrameType | None) -> None:

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import typing as t
-from urllib.parse import quote, quote_plus, urlparse
+from urllib.parse import urlparse
 
 from jsonschema import Draft7Validator
 from singer_sdk import typing as th
@@ -23,6 +23,7 @@ from tap_invoca_destinations.client import (
     DEFAULT_BASE_URL,
     InvocaError,
     is_loopback,
+    secret_forms,
 )
 from tap_invoca_destinations.output import OutputClosed, SyncInterrupted
 from tap_invoca_destinations.records import parse_instant
@@ -54,9 +55,7 @@ class RedactSecret(logging.Filter):
         """Redact ``secret`` and its quoted, escaped and URL-encoded forms."""
         super().__init__()
         self.secret = secret
-        forms = {secret, repr(secret)[1:-1], json.dumps(secret)[1:-1]}
-        forms |= {quote(secret, safe=""), quote_plus(secret)}
-        self.forms = sorted((f for f in forms if f), key=len, reverse=True)
+        self.forms = secret_forms(secret)
 
     def redact(self, text: str) -> str:
         """Return ``text`` with every form of the secret replaced."""
@@ -322,10 +321,16 @@ class TapInvocaDestinations(SeamTap):
                 **kwargs,
             )
         except SyncInterrupted as exc:
+            written = (
+                "the last line on stdout is cut (a record longer than the pipe writes whole)"
+                if exc.cut_line
+                else "every record written so far is complete"
+            )
             cls.logger.error(  # noqa: TRY400 - one line; the traceback helps nobody
-                "Sync stopped by %s: every record written so far is complete; no final "
-                "STATE was written, so the next run starts from the previous bookmark",
+                "Sync stopped by %s: %s; no final STATE was written, so the next run "
+                "starts from the previous bookmark",
                 exc.signal_name,
+                written,
             )
             _exit_now(exc.exit_code)
         except OutputClosed as exc:
@@ -401,7 +406,7 @@ def checked_catalog_file(catalog: t.IO[str]) -> t.IO[str]:
 
 def _exit_now(code: int) -> t.NoReturn:
     """Exit without waiting for request threads still running (they hold nothing of value)."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)  # a second signal must not interrupt the exit
     logging.shutdown()
     with contextlib.suppress(OSError, ValueError):

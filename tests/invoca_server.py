@@ -25,8 +25,11 @@ import collections
 import dataclasses
 import datetime as dt
 import email.utils
+import functools
+import gzip
 import json
 import socket
+import ssl
 import threading
 import time
 import typing as t
@@ -208,6 +211,11 @@ class Faults:
     deep_json_every: int = 0  # every K-th request: 200 with JSON nested 5,000 deep
     clock_skew_seconds: float = 0  # the Date header is shifted by this much
     on_list_page: t.Callable[[int], None] | None = None  # called after the N-th list page
+    gzip_bomb_every: int = 0  # every K-th request: 200 with a gzip body (valid JSON, no records)...
+    gzip_bomb_bytes: int = 300_000_000  # ...that inflates to this many bytes
+    body_every: int = 0  # every K-th request: body_status with body_text, where "{token}" and
+    body_status: int = 200  # "{token_json}" stand for the server's token (raw, JSON-escaped)
+    body_text: str = ""
 
 
 @dataclasses.dataclass
@@ -223,6 +231,9 @@ class Stats:
     dropped: int = 0
     paths: list[str] = dataclasses.field(default_factory=list)
     connections: int = 0  # TCP connections accepted
+    other_auth: collections.Counter[str] = dataclasses.field(
+        default_factory=collections.Counter
+    )  # Authorization headers other than the token, by scheme ("Basic", "none", "other")
 
 
 class InvocaServer:
@@ -266,7 +277,15 @@ class InvocaServer:
     @property
     def url(self) -> str:
         """Base URL to give the tap as ``base_url``."""
-        return f"http://127.0.0.1:{self._httpd.server_port}"
+        scheme = "https" if isinstance(self._httpd.socket, ssl.SSLSocket) else "http"
+        return f"{scheme}://127.0.0.1:{self._httpd.server_port}"
+
+    def use_tls(self, certfile: str, keyfile: str) -> Self:
+        """Serve HTTPS with this certificate (call before start)."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certfile, keyfile)
+        self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
+        return self
 
     def ids(self) -> list[int]:
         """Ids of the destinations that exist now, ascending."""
@@ -430,6 +449,18 @@ class InvocaServer:
         self.stop()
 
 
+@functools.cache
+def gzip_bomb(size: int) -> bytes:
+    """A gzip body of about 1/1000 its size that inflates to ``size`` bytes of valid JSON.
+
+    Concatenated gzip members (one per MiB of spaces), as RFC 1952 allows.
+    """
+    head, tail = b'{"data":[],"recordsTotal":0', b"}"
+    mebibyte = gzip.compress(b" " * (1 << 20), compresslevel=9)
+    count = max(size - len(head) - len(tail), 0) >> 20
+    return gzip.compress(head) + mebibyte * count + gzip.compress(tail)
+
+
 def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as Invoca's front end does
@@ -552,7 +583,29 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
             if every(faults.no_data_every):
                 self._send(200, b'{"requestId":null,"recordsTotal":0}')
                 return True
+            if every(faults.gzip_bomb_every):
+                self._gzip_bomb()
+                return True
+            if every(faults.body_every):
+                token_json = json.dumps(server.token)[1:-1]
+                text = faults.body_text.replace("{token_json}", token_json)
+                self._send(faults.body_status, text.replace("{token}", server.token).encode())
+                return True
             return False
+
+        def _gzip_bomb(self) -> None:
+            body = gzip_bomb(server.faults.gzip_bomb_bytes)
+            with server.lock:
+                server.stats.statuses[200] += 1
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                self.wfile.write(body)
+            except OSError:  # the client stopped reading: that is the point
+                self.close_connection = True
 
         def _handle(self, number: int) -> None:
             if server.faults.latency_ms:
@@ -560,6 +613,10 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
             url = urlparse(self.path)
             query = {k: v[-1] for k, v in parse_qs(url.query).items()}
             if self.headers.get("Authorization") != server.token:
+                given = self.headers.get("Authorization")
+                scheme = "none" if given is None else given.split(" ")[0]
+                with server.lock:
+                    server.stats.other_auth[scheme if scheme in {"none", "Basic"} else "other"] += 1
                 self._error(401, {"invalid_data": "Not authorized", "class": "Unauthorized"})
                 return
             if self._injected_fault(number):

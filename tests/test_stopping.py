@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import shlex
 import signal
 import subprocess
+import sys
 import time
 import typing as t
+from pathlib import Path
 
 import pytest
 from helpers import clean_env, config_for
@@ -17,9 +22,10 @@ from tap_invoca_destinations.output import BufferedSingerWriter
 
 if t.TYPE_CHECKING:
     from collections.abc import Callable
-    from pathlib import Path
 
     from frontends import Frontend
+
+TAP = str(Path(sys.executable).parent / "tap-invoca-destinations")
 
 
 def read_slowly_then_signal(
@@ -68,6 +74,8 @@ def check_whole_lines_once(
         (signal.SIGINT, 130, False),
         (signal.SIGTERM, 143, True),
         (signal.SIGINT, 130, True),
+        (signal.SIGHUP, 129, False),  # a closed terminal or session
+        (signal.SIGHUP, 129, True),
     ],
 )
 def test_signal_mid_sync_with_a_slow_target(  # noqa: PLR0913 - fixtures and parameters
@@ -192,9 +200,70 @@ def test_signal_while_the_target_reads_nothing_stops_after_the_grace_period(
     assert took < BufferedSingerWriter.STOP_GRACE_SECONDS + 3, f"took {took:.1f} s to stop"
     assert "SIGTERM" in stderr
     assert "Traceback" not in stderr
-    # The target never read, so the abandoned write may have left one partial line.
-    lines = out.split(b"\n")[:-1]
-    assert len(lines) > 10
-    records = [frontend.record_of(json.loads(line)) for line in lines]
-    ids = [r["id"] for r in records if r is not None]
-    assert ids == server.ids()[: len(ids)]
+    # The abandoned write stopped at a line boundary, as the stop line says.
+    assert "written so far is complete" in stderr
+    assert len(check_whole_lines_once(out, server, frontend)) > 10
+
+
+def test_sighup_during_start_up_is_one_line(tmp_path: Path) -> None:
+    config = {
+        "api_token": "SECRET-hup-4c1d",
+        "network_id": "1234",
+        "base_url": "http://127.0.0.1:9",
+    }
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(config))
+    with subprocess.Popen(
+        [TAP, "--config", str(config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+        cwd=tmp_path,
+    ) as process:
+        maps = Path(f"/proc/{process.pid}/maps")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and process.poll() is None:
+            with contextlib.suppress(OSError):
+                if "_ssl" in maps.read_text():  # inside the SDK's imports
+                    break
+            time.sleep(0.001)
+        process.send_signal(signal.SIGHUP)
+        out, err = process.communicate(timeout=30)
+    stderr = err.decode()
+    assert process.returncode == 129, stderr
+    assert stderr.strip().splitlines() == ["tap-invoca-destinations: stopped by SIGHUP"]
+    assert out == b""
+
+
+def test_a_non_blocking_stdout_with_a_slow_reader_gets_every_record(
+    tmp_path: Path, make_server: Callable[..., InvocaServer]
+) -> None:
+    # The runner made the pipe non-blocking (O_NONBLOCK on the tap's end) and reads slowly.
+    server = make_server(3_000)
+    read_end, write_end = os.pipe()
+    flags = fcntl.fcntl(write_end, fcntl.F_GETFL)
+    fcntl.fcntl(write_end, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(config_for(server)))
+    with subprocess.Popen(
+        [TAP, "--config", str(config_path)],
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+        cwd=tmp_path,
+    ) as process:
+        os.close(write_end)
+        out = bytearray()
+        with os.fdopen(read_end, "rb", buffering=0) as reader:
+            while chunk := reader.read(8192):
+                out += chunk
+                time.sleep(0.001)  # slower than the tap: the pipe fills up
+        assert process.stderr is not None
+        stderr = process.stderr.read().decode()
+        process.wait(timeout=60)
+    assert process.returncode == 0, stderr
+    assert "BlockingIOError" not in stderr
+    assert out.endswith(b"\n")
+    messages = [json.loads(line) for line in out.splitlines()]  # every line parses
+    assert [m["record"]["id"] for m in messages if m["type"] == "RECORD"] == server.ids()
+    assert messages[-1]["type"] == "STATE"
