@@ -12,6 +12,7 @@ import subprocess
 import sys
 import typing as t
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from helpers import ROOT, clean_env, config_for, full_table_catalog, run_cli
@@ -194,6 +195,22 @@ def test_every_numeric_setting_from_env_runs_a_sync(tmp_path: Path, server: Invo
     assert run.returncode == 0, run.stderr
     assert len(run.records) == 250
     assert any("limit=41" in p for p in server.stats.paths)
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), key=st.sampled_from(sorted(NUMERIC)))
+def test_a_number_reads_the_same_from_env_as_from_json(data: st.DataObject, key: str) -> None:
+    schema = TapInvocaDestinations.settings_schema()
+    integers = st.integers(-(10**12), 10**12)
+    if "integer" in schema["properties"][key]["type"]:
+        value: float = data.draw(integers)
+    else:
+        value = data.draw(st.one_of(integers, st.floats(allow_nan=False, allow_infinity=False)))
+    with mock.patch.dict(os.environ, {PREFIX + key.upper(): f" {value!r}\n"}):
+        config, errors = environment_config(schema, PREFIX, Path("/nonexistent"))
+    assert errors == []
+    assert config[key] == value
+    assert json.loads(json.dumps(config))[key] == value  # plain JSON types, no Decimal
 
 
 @pytest.mark.parametrize("value", ["abc", "1e999", "nan", "30s", "\uff13\uff10"])
