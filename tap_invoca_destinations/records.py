@@ -63,11 +63,14 @@ _MEMBER_SETS = {obj: frozenset(members) for obj, members in SUB_OBJECTS.items()}
 _NOTHING: frozenset[str] = frozenset()
 
 _OFFSET_FORM = re.compile(r"[+-](?:[01]\d|2[0-3])[0-5]\d\Z")  # -0700; hours 00-23, minutes 00-59
-# Forms accepted besides Invoca's own: ISO 8601 / RFC 3339 dates and date-times.
+# Forms accepted besides Invoca's own: ISO 8601 calendar dates and date-times, in
+# the extended (2024-01-01T00:00:00Z, RFC 3339) and the basic (20240101T000000Z)
+# notation; ASCII digits only.
+_ISO_OFFSET = r"(?:[Zz]|[+-](?:[01][0-9]|2[0-3])(?::?[0-5][0-9])?)?"
 _ISO_FORM = re.compile(
-    r"\d{4}-\d{2}-\d{2}"
-    r"(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?"
-    r"(?:[Zz]|[+-](?:[01]\d|2[0-3]):?[0-5]\d)?)?\Z"
+    r"(?:[0-9]{4}-[0-9]{2}-[0-9]{2}"
+    r"(?:[T ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:[.,][0-9]{1,9})?)?" + _ISO_OFFSET + r")?"
+    r"|[0-9]{8}(?:T[0-9]{4}(?:[0-9]{2}(?:[.,][0-9]{1,9})?)?" + _ISO_OFFSET + r")?)\Z"
 )
 _OFFSETS: dict[str, dt.timedelta] = {}  # "-0700" -> timedelta, filled as seen
 _TRUE = frozenset({"true", "t", "1", "yes"})
@@ -112,10 +115,13 @@ def _utc_offset(text: str) -> dt.timedelta:
 def parse_instant(value: str) -> dt.datetime:
     """Parse a timestamp strictly into an aware UTC datetime.
 
-    Accepted: Invoca's form (``2023-10-19 03:49:21 -0700``) and ISO 8601 /
-    RFC 3339 dates and date-times (``2023-10-19``, ``2023-10-19T10:49:21Z``,
-    ``…+05:30``); a value without an offset is taken as UTC. Anything else,
-    including offsets of 24 hours or more, is refused.
+    Accepted: Invoca's form (``2023-10-19 03:49:21 -0700``) and ISO 8601
+    calendar dates and date-times in the extended (RFC 3339: ``2023-10-19``,
+    ``2023-10-19T10:49:21Z``, ``…+05:30``, ``…+05``) or the basic notation
+    (``20231019``, ``20231019T104921Z``, ``20231019T1049+0530``), with an
+    optional fraction of a second; a value without an offset is taken as UTC.
+    Anything else (week or ordinal dates, non-ASCII digits, offsets of 24 hours
+    or more) is refused.
 
     Args:
         value: The text to parse.

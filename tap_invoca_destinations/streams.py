@@ -35,6 +35,7 @@ if t.TYPE_CHECKING:
     from collections.abc import Iterator
 
     from singer_sdk.helpers.types import Context
+    from singer_sdk.singerlib import Catalog
 
 
 BOOKMARK_MARGIN = dt.timedelta(seconds=5)  # clock and rounding slack below the sync's start
@@ -47,13 +48,17 @@ _SCHEMA_TYPES: dict[str, type[th.JSONTypeHelper[t.Any]]] = {
 }
 
 
+KEY_COLUMNS = ("network_id", "id")
+
+
 def _schema() -> dict[str, t.Any]:
     properties = [
-        th.Property(name, _SCHEMA_TYPES.get(kind, th.StringType), required=name == "id")
+        th.Property(name, _SCHEMA_TYPES.get(kind, th.StringType), required=name in KEY_COLUMNS)
         for name, kind in COLUMNS.items()
     ]
     schema = th.PropertiesList(*properties).to_dict()
-    schema["properties"]["id"]["type"] = ["integer"]
+    for name in KEY_COLUMNS:  # the key is never null
+        schema["properties"][name]["type"] = [COLUMNS[name]]
     schema["additionalProperties"] = False
     return schema
 
@@ -64,7 +69,7 @@ class DestinationsStream(InvocaStream):
     name = "destinations"
     # Ids are not documented to be unique across networks; several networks may
     # load into one table.
-    primary_keys = ("network_id", "id")
+    primary_keys = KEY_COLUMNS
     replication_key = "updated_at"
     # Records come in id order, not updated_at order: the bookmark is handed to
     # the SDK once, when the whole list was read (never ahead of unseen records).
@@ -82,6 +87,19 @@ class DestinationsStream(InvocaStream):
         self._newest_updated_at: str | None = None
         self._sync_started_at = dt.datetime.now(dt.UTC)
         self._starting_bookmark: str | None = None  # the state's, normalised to UTC
+
+    @override
+    def apply_catalog(self, catalog: Catalog) -> None:
+        # Bookmarks are kept only on updated_at; any other key would fail after the
+        # records were sent, or bookmark the wrong column.
+        super().apply_catalog(catalog)
+        if self.replication_key not in {None, "updated_at"}:
+            msg = (
+                f"catalog: stream '{self.name}' can only use replication-key 'updated_at', "
+                f"not {self.replication_key!r}; fix the catalog's metadata (or use FULL_TABLE "
+                "without a replication key)"
+            )
+            raise InvocaError(msg)
 
     @property
     @override

@@ -669,6 +669,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--count", type=int, default=500, help="destinations to serve")
     parser.add_argument("--token", default=DEFAULT_TOKEN)
+    parser.add_argument(
+        "--no-drift",
+        action="store_true",
+        help="serve only fields the tap knows (no 'field Invoca added later', so no warning)",
+    )
     floats = {"latency_ms", "slow_seconds", "trickle_delay", "clock_skew_seconds"}
     for field in dataclasses.fields(Faults):
         if field.name in NOT_ON_CLI:
@@ -692,7 +697,18 @@ def main() -> None:
             if f.name not in NOT_ON_CLI
         }
     )
-    server = InvocaServer(args.count, token=args.token, port=args.port, faults=faults)
+    try:
+        server = InvocaServer(args.count, token=args.token, port=args.port, faults=faults)
+    except OSError as exc:
+        msg = f"invoca_server: cannot listen on 127.0.0.1:{args.port}: {exc.strerror or exc}"
+        raise SystemExit(msg) from None
+    if args.no_drift:
+        for destination in list(server._destinations.values()):  # noqa: SLF001
+            destination.wire.pop("call_recording_enabled", None)
+            pool = destination.wire.get("dynamic_number_pool")
+            if isinstance(pool, dict):
+                pool.pop("auto_scale", None)
+            server._put(destination)  # noqa: SLF001
     print(f"Invoca-compatible server on {server.url} ({args.count} destinations)", flush=True)
     try:
         server.serve_forever()
