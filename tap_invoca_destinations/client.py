@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import typing as t
+import zlib
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -297,24 +298,75 @@ def read_body(  # noqa: PLR0913 - the request's deadline and bounds
         InvocaError: If the body passes either bound.
     """
     limit = body_limit(records)
+    inflater = body_inflater(response)
     chunks = []
     size = 0
     try:
-        while chunk := response.raw.read1(READ_CHUNK, decode_content=True):
-            if size + len(chunk) > limit:
-                raise _too_big(response, f"{limit:,} bytes", records)
-            if budget is not None and not budget.take(len(chunk)):
-                what = f"{budget.limit:,} bytes with the other responses being read"
-                raise _too_big(response, what, records)
-            chunks.append(chunk)
-            size += len(chunk)
+        # Raw bytes, inflated here with a bound on each step: urllib3 would inflate a
+        # whole network read at once (256 KiB of gzip can hold 256 MB).
+        while raw := response.raw.read1(READ_CHUNK, decode_content=False):
+            while raw:
+                if inflater is None:
+                    chunk, raw = raw, b""
+                else:
+                    chunk, raw = inflater.inflate(raw, max(limit - size, 0) + 1)
+                if size + len(chunk) > limit:
+                    raise _too_big(response, f"{limit:,} bytes", records)
+                if budget is not None and not budget.take(len(chunk)):
+                    what = f"{budget.limit:,} bytes with the other responses being read"
+                    raise _too_big(response, what, records)
+                chunks.append(chunk)
+                size += len(chunk)
             if abandoned.is_set() or time.monotonic() > deadline:
                 msg = f"no complete response within request_timeout={timeout:g} s"
                 raise requests.exceptions.ReadTimeout(msg)
-        return b"".join(chunks)
+        rest = inflater.finish() if inflater is not None else b""
+        if size + len(rest) > limit or (budget is not None and not budget.take(len(rest))):
+            raise _too_big(response, f"{limit:,} bytes", records)
+        size += len(rest)
+        return b"".join([*chunks, rest])
     finally:
         if budget is not None:
             budget.give_back(size)
+
+
+class Inflater:
+    """Inflates gzip or zlib data in steps of bounded output, across concatenated gzip members."""
+
+    def __init__(self) -> None:
+        """Expect a gzip or a zlib header."""
+        self._member = zlib.decompressobj(32 + zlib.MAX_WBITS)
+
+    def inflate(self, data: bytes, most: int) -> tuple[bytes, bytes]:
+        """Inflate the start of ``data``: at most ``most`` bytes out, and the input left over."""
+        member = self._member
+        if member.eof:  # RFC 1952 allows several gzip members one after another
+            member = self._member = zlib.decompressobj(32 + zlib.MAX_WBITS)
+        out = member.decompress(data, most)
+        # Input past this member's end comes back as left over, to start the next one.
+        return out, member.unconsumed_tail or member.unused_data
+
+    def finish(self) -> bytes:
+        """What zlib still holds once every input byte was given (a few bytes, if any)."""
+        return self._member.flush()
+
+
+def body_inflater(response: requests.Response) -> Inflater | None:
+    """An inflater for the body's ``Content-Encoding``, or None for an identity body.
+
+    Raises:
+        InvocaError: For an encoding the tap did not ask for (it asks for gzip or deflate).
+    """
+    encoding = response.headers.get("Content-Encoding", "").strip().lower()
+    if encoding in {"", "identity"}:
+        return None
+    if encoding in {"gzip", "x-gzip", "deflate"}:
+        return Inflater()
+    msg = (
+        f"HTTP {response.status_code} for GET {urlparse(response.url).path}: the body is "
+        f"{encoding}-compressed, which the tap did not ask for (it asks for gzip or deflate)"
+    )
+    raise InvocaError(msg)
 
 
 def _redact_json(value: object, secrets: tuple[str, ...]) -> object:
@@ -491,6 +543,7 @@ class InvocaStream(SeamStream):
         return {
             "Authorization": self.config["api_token"],
             "Accept": "application/json",
+            "Accept-Encoding": "gzip, deflate",  # what read_body inflates with bounded steps
             "User-Agent": self.user_agent,
         }
 

@@ -213,6 +213,7 @@ class Faults:
     on_list_page: t.Callable[[int], None] | None = None  # called after the N-th list page
     gzip_bomb_every: int = 0  # every K-th request: 200 with a gzip body (valid JSON, no records)...
     gzip_bomb_bytes: int = 300_000_000  # ...that inflates to this many bytes
+    gzip_pages: bool = False  # gzip every body when the client accepts it
     body_every: int = 0  # every K-th request: body_status with body_text, where "{token}" and
     body_status: int = 200  # "{token_json}" stand for the server's token (raw, JSON-escaped)
     body_text: str = ""
@@ -491,6 +492,12 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
         def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
             with server.lock:
                 server.stats.statuses[status] += 1
+            if server.faults.gzip_pages and "gzip" in self.headers.get("Accept-Encoding", ""):
+                # As a front end compresses: members of 4 KiB, one after another.
+                body = b"".join(
+                    gzip.compress(body[i : i + 4096]) for i in range(0, len(body), 4096)
+                )
+                headers = {**(headers or {}), "Content-Encoding": "gzip"}
             self.send_response(status)
             self.send_header("Content-Type", "application/json; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))
