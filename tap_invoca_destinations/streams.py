@@ -15,9 +15,11 @@ from tap_invoca_destinations.records import (
     COLUMNS,
     INTEGER,
     TIMESTAMP,
+    PageDecoder,
     RecordShapeError,
     parse_instant,
     shape_record,
+    shape_typed,
     unknown_fields,
 )
 
@@ -77,6 +79,7 @@ class DestinationsStream(InvocaStream):
         self._newest_updated_at: str | None = None
         self._sync_started_at = dt.datetime.now(dt.UTC)
         self._starting_bookmark: str | None = None  # the state's, normalised to UTC
+        self.page_decoder = PageDecoder()
 
     @property
     @override
@@ -107,12 +110,16 @@ class DestinationsStream(InvocaStream):
         since = self._starting_updated_at(context)
         for raw_records in self.iter_pages():
             self.time_extracted = dt.datetime.now(dt.UTC).isoformat()
+            typed = bool(raw_records) and not isinstance(raw_records[0], dict)
             for raw in raw_records:
-                drift = unknown_fields(raw)
-                if drift and not drift <= self.unknown_fields_seen:
-                    self._report_drift(drift)
                 try:
-                    record = shape_record(raw, network_id)
+                    if typed:  # decoded strictly: no field it does not know (records.py)
+                        record = shape_typed(raw, network_id)
+                    else:
+                        drift = unknown_fields(raw)
+                        if drift and not drift <= self.unknown_fields_seen:
+                            self._report_drift(drift)
+                        record = shape_record(raw, network_id)
                 except RecordShapeError as exc:
                     raise InvocaError(str(exc)) from exc
                 if only_tracked and record["dynamic_number_pool_id"] is None:
@@ -201,6 +208,8 @@ class DestinationsStream(InvocaStream):
     def _report_drift(self, names: frozenset[str]) -> None:
         new = sorted(names - self.unknown_fields_seen)
         self.unknown_fields_seen.update(new)
+        if self.page_decoder is not None:
+            self.page_decoder.tolerate(new)  # reported: later pages may carry them
         room = MAX_DRIFT_NAMES_LISTED - (len(self.unknown_fields_seen) - len(new))
         listed, unlisted = new[: max(room, 0)], new[max(room, 0) :]
         self._unlisted_drift.update(unlisted)

@@ -205,6 +205,8 @@ class Faults:
     deep_json_every: int = 0  # every K-th request: 200 with JSON nested 5,000 deep
     clock_skew_seconds: float = 0  # the Date header is shifted by this much
     on_list_page: t.Callable[[int], None] | None = None  # called after the N-th list page
+    throttle_above: int = 0  # a request arriving with more than this many in flight: 429
+    error_envelope_every: int = 0  # every K-th request: 200 with Invoca's error envelope
 
 
 @dataclasses.dataclass
@@ -490,7 +492,15 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
                 server.stats.paths.append(self.path)
                 if server.token and server.token in self.path:
                     server.stats.token_in_url += 1
+                limit = server.faults.throttle_above
+                throttled = bool(limit) and server.stats.in_flight > limit
             try:
+                if throttled:  # a rate limiter answers at once, before any work
+                    body = {"errors": {"invalid_data": "Too many requests in flight"}}
+                    retry_after = server.faults.retry_after
+                    headers = {"Retry-After": retry_after} if retry_after is not None else {}
+                    self._send(429, json.dumps(body).encode(), headers)
+                    return
                 self._handle(number)
             finally:
                 with server.lock:
@@ -545,6 +555,13 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
                 return True
             if every(faults.no_data_every):
                 self._send(200, b'{"requestId":null,"recordsTotal":0}')
+                return True
+            if every(faults.error_envelope_every):
+                envelope: dict[str, t.Any] = {
+                    "data": [],
+                    "errors": {"base": ["Injected: try again later"]},
+                }
+                self._send(200, json.dumps({**envelope, "recordsTotal": len(server.ids())}).encode())
                 return True
             return False
 
