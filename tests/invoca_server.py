@@ -557,11 +557,9 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
                 self._send(200, b'{"requestId":null,"recordsTotal":0}')
                 return True
             if every(faults.error_envelope_every):
-                envelope: dict[str, t.Any] = {
-                    "data": [],
-                    "errors": {"base": ["Injected: try again later"]},
-                }
-                self._send(200, json.dumps({**envelope, "recordsTotal": len(server.ids())}).encode())
+                errors = {"base": ["Injected: try again later"]}
+                envelope = {"data": [], "errors": errors, "recordsTotal": len(server.ids())}
+                self._send(200, json.dumps(envelope).encode())
                 return True
             return False
 

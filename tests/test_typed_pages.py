@@ -61,7 +61,7 @@ def test_an_error_envelope_in_a_200_is_a_failure(body: dict[str, t.Any], *, type
 
 @pytest.mark.parametrize("typed", [False, True])
 def test_empty_error_members_are_no_error(*, typed: bool) -> None:
-    body = {"data": [{"id": 1}], "errors": None, "error": {}, "recordsTotal": 1}
+    body: dict[str, t.Any] = {"data": [{"id": 1}], "errors": None, "error": {}, "recordsTotal": 1}
     assert decode_page(reply_of(body), PageDecoder() if typed else None).ids == [1]
 
 
