@@ -29,6 +29,7 @@ from singer_sdk import metrics
 from singer_sdk.exceptions import FatalAPIError
 
 from tap_invoca_destinations.paging import (
+    WORKERS,
     AdaptiveWindow,
     Cancelled,
     Pager,
@@ -447,7 +448,7 @@ class InvocaStream(SeamStream):
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
                 box.set_exception(exc)
 
-        threading.Thread(target=run, name="invoca-request", daemon=True).start()
+        WORKERS.run(run)
         try:
             return box.result(timeout=timeout)
         except FutureTimeout:
