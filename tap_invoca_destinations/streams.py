@@ -110,16 +110,12 @@ class DestinationsStream(InvocaStream):
         since = self._starting_updated_at(context)
         for raw_records in self.iter_pages():
             self.time_extracted = dt.datetime.now(dt.UTC).isoformat()
+            # A typed page was decoded strictly: it has no field we do not know (records.py).
             typed = bool(raw_records) and not isinstance(raw_records[0], dict)
+            shape = shape_typed if typed else self._shape_and_report_drift
             for raw in raw_records:
                 try:
-                    if typed:  # decoded strictly: no field it does not know (records.py)
-                        record = shape_typed(raw, network_id)
-                    else:
-                        drift = unknown_fields(raw)
-                        if drift and not drift <= self.unknown_fields_seen:
-                            self._report_drift(drift)
-                        record = shape_record(raw, network_id)
+                    record = shape(raw, network_id)
                 except RecordShapeError as exc:
                     raise InvocaError(str(exc)) from exc
                 if only_tracked and record["dynamic_number_pool_id"] is None:
@@ -134,6 +130,12 @@ class DestinationsStream(InvocaStream):
                 "Invoca sent %d more unknown field name(s) not listed above",
                 len(self._unlisted_drift),
             )
+
+    def _shape_and_report_drift(self, raw: dict[str, t.Any], network_id: str) -> dict[str, t.Any]:
+        drift = unknown_fields(raw)
+        if drift and not drift <= self.unknown_fields_seen:
+            self._report_drift(drift)
+        return shape_record(raw, network_id)
 
     @override
     def observe_replication_value(self, value: t.Any) -> None:
