@@ -263,7 +263,7 @@ def decode_page(reply: Reply, decoder: PageDecoder | None = None) -> Page:
             lacks a ``data`` list, or has records that are not objects with an
             integer id that fits 64 bits.
     """
-    if decoder is not None:
+    if decoder is not None and decoder.active:
         page = _decode_typed(reply, decoder)
         if page is not None:
             return page

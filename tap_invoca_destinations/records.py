@@ -370,6 +370,7 @@ class PageDecoder:
             SUB_OBJECTS, _NOTHING
         )
         self.decoder = self._build()
+        self.active = True  # False once too many unknown names were seen
 
     def _build(self) -> msgspec.json.Decoder[t.Any]:
         subs = {
@@ -400,9 +401,13 @@ class PageDecoder:
                 obj, _, member = name.rpartition(".")
                 if obj in extras and member:
                     extras[obj] = extras[obj] | {member}
-            if extras != self._extras and sum(map(len, extras.values())) <= MAX_TOLERATED:
-                self._extras = extras
-                self.decoder = self._build()
+            if extras == self._extras:
+                return
+            if sum(map(len, extras.values())) > MAX_TOLERATED:
+                self.active = False  # every page would be decoded twice: dicts only
+                return
+            self._extras = extras
+            self.decoder = self._build()
 
 
 def _timestamp(value: str, record_id: object, column: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import typing as t
 
 from helpers import config_for, run_cli
@@ -9,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from invoca_server import Faults
 
-from tap_invoca_destinations.paging import AdaptiveWindow
+from tap_invoca_destinations.paging import AdaptiveWindow, DaemonPool
 
 if t.TYPE_CHECKING:
     from pathlib import Path
@@ -135,3 +136,37 @@ def test_the_window_grows_to_the_ceiling_against_a_prompt_server(
     assert server.stats.max_in_flight > 4  # it started at 4
     assert server.stats.max_in_flight <= 12
     assert server.stats.statuses[429] == 0
+
+
+# --- the daemon threads that run fetches and requests ----------------------------------
+
+
+def test_the_pool_reuses_an_idle_thread_and_never_queues_behind_a_busy_one() -> None:
+    pool = DaemonPool("test-worker")
+    ran: list[threading.Thread] = []
+    first, release, second = threading.Event(), threading.Event(), threading.Event()
+
+    def blocking() -> None:
+        ran.append(threading.current_thread())
+        first.set()
+        release.wait(10)
+
+    def note(event: threading.Event) -> None:
+        ran.append(threading.current_thread())
+        event.set()
+
+    pool.run(blocking)
+    assert first.wait(5)
+    pool.run(lambda: note(second))
+    assert second.wait(5)  # ran although the first task still blocks its thread
+    assert ran[0] is not ran[1]
+    assert all(thread.daemon for thread in ran)
+    release.set()
+    done = threading.Event()
+    deadline = 50
+    while deadline and not pool._idle:  # noqa: SLF001 - wait until both are idle again
+        threading.Event().wait(0.1)
+        deadline -= 1
+    pool.run(lambda: note(done))
+    assert done.wait(5)
+    assert ran[2] in ran[:2]  # an idle thread took it: no new thread

@@ -15,6 +15,7 @@ from tap_invoca_destinations.client import InvocaError, Reply, decode_page
 from tap_invoca_destinations.records import (
     BOOLEAN,
     INTEGER,
+    MAX_TOLERATED,
     STRING,
     SUB_OBJECTS,
     TIMESTAMP,
@@ -202,3 +203,14 @@ def test_unknown_fields_keep_a_page_off_the_typed_path_until_reported() -> None:
     assert isinstance(decode_page(reply_of(body), decoder).records[0], dict)
     decoder.tolerate(["new_field"])
     assert not isinstance(decode_page(reply_of(body), decoder).records[0], dict)
+
+
+def test_too_many_unknown_names_turn_the_typed_path_off() -> None:
+    decoder = PageDecoder()
+    decoder.tolerate([f"field_{i}" for i in range(MAX_TOLERATED)])
+    states = [decoder.active]
+    decoder.tolerate(["one_more"])
+    states.append(decoder.active)
+    assert states == [True, False]  # a page would otherwise be decoded twice, for nothing
+    body = json.dumps({"data": [{"id": 1, "field_0": 1}], "recordsTotal": 1}).encode()
+    assert isinstance(decode_page(reply_of(body), decoder).records[0], dict)
