@@ -32,6 +32,8 @@ from singer_sdk import metrics
 from singer_sdk.exceptions import FatalAPIError
 
 from tap_invoca_destinations.paging import (
+    WORKERS,
+    AdaptiveWindow,
     Cancelled,
     Pager,
     PagingError,
@@ -41,6 +43,7 @@ from tap_invoca_destinations.paging import (
     Step,
     UnsettledListError,
 )
+from tap_invoca_destinations.records import INT64_MAX, INT64_MIN, PageDecoder, as_int64
 from tap_invoca_destinations.sdk_seam import SeamStream
 
 if t.TYPE_CHECKING:
@@ -72,6 +75,8 @@ REDACTED = "<redacted>"
 PROGRESS_INTERVAL_SECONDS = 30.0  # wall time between progress lines of a long sync
 DEFAULT_BASE_URL = "https://invoca.net"
 DEFAULT_API_VERSION = "2022-08-01"
+DEFAULT_MAX_CONCURRENCY = 8  # the window's ceiling; see the setting's description
+WINDOW_START = 4  # pages in flight at first (the fixed window of earlier versions)
 
 HINTS: dict[int, str] = {
     HTTPStatus.UNAUTHORIZED: "the token was rejected: check api_token",
@@ -140,7 +145,7 @@ class Reply:
 class Page:
     """One decoded list response."""
 
-    records: list[dict[str, t.Any]]
+    records: list[t.Any]  # RawDestination structs of a typed page, else dicts
     ids: list[int]
     total: object  # recordsTotal as sent: only a hint
 
@@ -436,28 +441,26 @@ def check_status(reply: Reply) -> None:
         raise InvocaConfigError(error_message(reply))  # 401, 403, 404: the request's arguments
 
 
-def decode_page(reply: Reply) -> Page:
-    """Decode a list response once, checking the envelope.
+def decode_page(reply: Reply, decoder: PageDecoder | None = None) -> Page:
+    """Decode a list response once, checking the envelope and the ids.
+
+    With a ``decoder``, the page is decoded into typed records when it fits them
+    (see ``records.PageDecoder``); otherwise, and whenever it does not, into dicts.
 
     Raises:
-        InvocaError: If the body is not UTF-8 JSON, lacks a ``data`` list, or has
-            records that are not objects with integer ids.
+        InvocaError: If the body is not UTF-8 JSON, carries Invoca's error envelope,
+            lacks a ``data`` list, or has records that are not objects with an
+            integer id that fits 64 bits.
     """
-    try:
-        body = msgspec.json.decode(reply.body)
-    except UnicodeDecodeError:
-        problem = "the body is not UTF-8"
-    except RecursionError:
-        problem = "the body's JSON is nested too deeply"
-    except msgspec.DecodeError:
-        problem = "the body is not JSON"
-    else:
-        problem = ""
-    if problem:
-        msg = f"{reply.where}: {problem}: {reply.quote()}"
-        raise InvocaError(msg)
-    data = body.get("data") if isinstance(body, dict) else None
-    if not isinstance(data, list):
+    if decoder is not None and decoder.active:
+        page = _decode_typed(reply, decoder)
+        if page is not None:
+            return page
+    body = _decode_json(reply)
+    if isinstance(body, dict):
+        _refuse_error_envelope(reply, body.get("errors"), body.get("error"))
+        data = body.get("data")
+    if not isinstance(body, dict) or not isinstance(data, list):
         msg = f"{reply.where}: the body has no 'data' list: {reply.quote()}"
         raise InvocaError(msg)
     ids = []
@@ -465,12 +468,7 @@ def decode_page(reply: Reply) -> Page:
         if not isinstance(record, dict):
             msg = f"{reply.where}: a record in 'data' is not an object: {reply.quote()}"
             raise InvocaError(msg)
-        raw_id = record.get("id")
-        try:
-            ids.append(raw_id if type(raw_id) is int else int(str(raw_id).strip()))
-        except ValueError:
-            msg = f"{reply.where}: a destination has no integer id ({raw_id!r})"
-            raise InvocaError(msg) from None
+        ids.append(_record_id(reply, record.get("id")))
     return Page(records=data, ids=ids, total=body.get("recordsTotal"))
 
 
@@ -510,6 +508,56 @@ class TokenAuth(AuthBase):
         return "TokenAuth(<redacted>)"
 
 
+def _decode_json(reply: Reply) -> object:
+    try:
+        return msgspec.json.decode(reply.body)
+    except UnicodeDecodeError:
+        problem = "the body is not UTF-8"
+    except RecursionError:
+        problem = "the body's JSON is nested too deeply"
+    except msgspec.DecodeError:
+        problem = "the body is not JSON"
+    msg = f"{reply.where}: {problem}: {reply.quote()}"
+    raise InvocaError(msg)
+
+
+def _decode_typed(reply: Reply, decoder: PageDecoder) -> Page | None:
+    """The page as typed records, or None when it does not fit them (or is broken)."""
+    try:
+        body = decoder.decoder.decode(reply.body)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None  # the dict path decides, and names any problem
+    _refuse_error_envelope(reply, body.errors, body.error)
+    ids = []
+    for record in body.data:
+        raw_id = record.id
+        if type(raw_id) is not int or not INT64_MIN <= raw_id <= INT64_MAX:
+            raw_id = record.id = _record_id(reply, raw_id)
+        ids.append(raw_id)
+    return Page(records=body.data, ids=ids, total=body.recordsTotal)
+
+
+def _refuse_error_envelope(reply: Reply, errors: object, error: object) -> None:
+    """Raise if a 200 carries Invoca's error envelope: it is no (empty) page."""
+    for name, value in (("errors", errors), ("error", error)):
+        if value not in (None, "", [], {}):
+            text = quote_body(value) if isinstance(value, str) else invoca_error_text(reply)
+            msg = f"{reply.where}: Invoca answered with '{name}': {text}"
+            raise InvocaError(msg)
+
+
+def _record_id(reply: Reply, raw_id: object) -> int:
+    """A record's id as an int: an integer or an ASCII digit string that fits 64 bits."""
+    record_id = as_int64(raw_id) if not isinstance(raw_id, float) else None
+    if record_id is None:
+        msg = (
+            f"{reply.where}: a destination has no integer id that fits 64 bits "
+            f"(id {quote_body(repr(raw_id))})"
+        )
+        raise InvocaError(msg)
+    return record_id
+
+
 class InvocaStream(SeamStream):
     """Base stream for Invoca's network API: auth, retries, and safe, ordered paging.
 
@@ -523,14 +571,18 @@ class InvocaStream(SeamStream):
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
         """Initialise the stream; paging state is created per sync by iter_pages."""
         super().__init__(*args, **kwargs)
-        self.max_concurrency = max(int(self.config.get("max_concurrency", 4)), 1)
+        self.max_concurrency = max(
+            int(self.config.get("max_concurrency", DEFAULT_MAX_CONCURRENCY)), 1
+        )
         self.server_date_at_start: dt.datetime | None = None
         self.request_count = 0
         self.retry_count = 0
         self._lock = threading.Lock()
         self._got_reply = False
         self._window: PrefetchWindow[Page] | None = None
+        self._adaptive: AdaptiveWindow | None = None
         self._request_counter: metrics.Counter | None = None
+        self.page_decoder: PageDecoder | None = None  # set by a stream whose records it knows
 
     @property
     @override
@@ -642,7 +694,7 @@ class InvocaStream(SeamStream):
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
                 box.set_exception(exc)
 
-        threading.Thread(target=run, name="invoca-request", daemon=True).start()
+        WORKERS.run(run)
         try:
             return box.result(timeout=timeout)
         except FutureTimeout:
@@ -735,17 +787,24 @@ class InvocaStream(SeamStream):
         attempt = 0
         while True:
             attempt += 1
+            adaptive = self._adaptive
+            ticket = adaptive.sent() if adaptive is not None else 0
             try:
                 reply = self.send(params)
                 check_status(reply)
-                return decode_page(reply)
+                page = decode_page(reply, self.page_decoder)
             except RetriableReply as exc:
                 reason, retry_after, failure = exc.reason, exc.retry_after, str(exc)
-                if exc.throttled:
-                    self._lower_concurrency()
+                self._window_trouble(ticket, reason)
             except (requests.RequestException, OSError, urllib3.exceptions.HTTPError) as exc:
                 reason, failure = self.transport_failure(exc)
                 retry_after = None
+                if isinstance(exc, (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError)):
+                    self._window_trouble(ticket, reason)
+            else:
+                if adaptive is not None:
+                    adaptive.prompt(ticket, reply.seconds)
+                return page
             if cancel.is_set():
                 raise Cancelled  # no longer wanted: neither retried nor logged
             wait = policy.wait(attempt, waited, retry_after)
@@ -791,12 +850,15 @@ class InvocaStream(SeamStream):
         msg = f"cannot send GET {self.path}: {transport_reason(exc)}"
         raise InvocaConfigError(msg) from None
 
-    def _lower_concurrency(self) -> None:
-        window = self._window
-        size = window.lower() if window is not None else None
+    def _window_trouble(self, ticket: int, reason: str) -> None:
+        adaptive = self._adaptive
+        size = adaptive.trouble(ticket) if adaptive is not None else None
         if size is not None:
             self.logger.warning(
-                "Invoca throttled (429): lowering concurrency to %d for the rest of the run", size
+                "Invoca %s (%s): lowering concurrency to %d",
+                "throttled" if reason == "HTTP 429" else "is struggling",
+                reason,
+                size,
             )
 
     # --- paging --------------------------------------------------------------
@@ -817,13 +879,14 @@ class InvocaStream(SeamStream):
             self._got_reply = False
             self.request_count = self.retry_count = 0
         window: PrefetchWindow[Page] = PrefetchWindow(self.fetch_page, self.max_concurrency)
-        self._window = window
+        adaptive = AdaptiveWindow(start=WINDOW_START, ceiling=self.max_concurrency)
+        self._window, self._adaptive = window, adaptive
         began = last_progress = time.monotonic()
         outcome = "stopped"
         with self.get_http_request_counter() as counter:
             self._request_counter = counter
             try:
-                for request in pager.plan(window.size):
+                for request in pager.plan(adaptive.size):
                     window.submit(request)
                 while len(window):
                     _, page = window.pop()
@@ -838,7 +901,7 @@ class InvocaStream(SeamStream):
                             pager.max_doubts,
                         )
                     # Before handing records over, so requests overlap their processing.
-                    for request in pager.plan(window.size):
+                    for request in pager.plan(adaptive.size):
                         window.submit(request)
                     if step.emit_from < len(page.records):
                         yield page.records[step.emit_from :]
@@ -851,7 +914,7 @@ class InvocaStream(SeamStream):
                 outcome = "done"
             finally:
                 window.discard()
-                self._window = self._request_counter = None
+                self._window = self._adaptive = self._request_counter = None
                 self._log_progress(pager, outcome, time.monotonic() - began)
 
     def _log_progress(self, pager: Pager, what: str, seconds: float) -> None:

@@ -20,9 +20,11 @@ from tap_invoca_destinations.records import (
     COLUMNS,
     INTEGER,
     TIMESTAMP,
+    PageDecoder,
     RecordShapeError,
     parse_instant,
     shape_record,
+    shape_typed,
     unknown_fields,
 )
 
@@ -87,6 +89,7 @@ class DestinationsStream(InvocaStream):
         self._newest_updated_at: str | None = None
         self._sync_started_at = dt.datetime.now(dt.UTC)
         self._starting_bookmark: str | None = None  # the state's, normalised to UTC
+        self.page_decoder = PageDecoder()
 
     @override
     def apply_catalog(self, catalog: Catalog) -> None:
@@ -130,12 +133,12 @@ class DestinationsStream(InvocaStream):
         since = self._starting_updated_at(context)
         for raw_records in self.iter_pages():
             self.time_extracted = dt.datetime.now(dt.UTC).isoformat()
+            # A typed page was decoded strictly: it has no field we do not know (records.py).
+            typed = bool(raw_records) and not isinstance(raw_records[0], dict)
+            shape = shape_typed if typed else self._shape_and_report_drift
             for raw in raw_records:
-                drift = unknown_fields(raw)
-                if drift and not drift <= self.unknown_fields_seen:
-                    self._report_drift(drift)
                 try:
-                    record = shape_record(raw, network_id)
+                    record = shape(raw, network_id)
                 except RecordShapeError as exc:
                     raise InvocaError(str(exc)) from exc
                 if only_tracked and record["dynamic_number_pool_id"] is None:
@@ -150,6 +153,12 @@ class DestinationsStream(InvocaStream):
                 "Invoca sent %d more unknown field name(s) not listed above",
                 len(self._unlisted_drift),
             )
+
+    def _shape_and_report_drift(self, raw: dict[str, t.Any], network_id: str) -> dict[str, t.Any]:
+        drift = unknown_fields(raw)
+        if drift and not drift <= self.unknown_fields_seen:
+            self._report_drift(drift)
+        return shape_record(raw, network_id)
 
     @override
     def observe_replication_value(self, value: t.Any) -> None:
@@ -224,6 +233,8 @@ class DestinationsStream(InvocaStream):
     def _report_drift(self, names: frozenset[str]) -> None:
         new = sorted(names - self.unknown_fields_seen)
         self.unknown_fields_seen.update(new)
+        if self.page_decoder is not None:
+            self.page_decoder.tolerate(new)  # reported: later pages may carry them
         room = MAX_DRIFT_NAMES_LISTED - (len(self.unknown_fields_seen) - len(new))
         listed, unlisted = new[: max(room, 0)], new[max(room, 0) :]
         self._unlisted_drift.update(unlisted)

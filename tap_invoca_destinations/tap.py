@@ -187,10 +187,13 @@ class TapInvocaDestinations(SeamTap):
         th.Property(
             "max_concurrency",
             th.IntegerType(minimum=1, maximum=16),
-            default=4,
+            default=8,
             title="Max concurrency",
-            description="Page requests in flight at once (1 turns prefetching off). "
-            "Halved for the rest of the run whenever Invoca answers 429.",
+            description="Ceiling on page requests in flight (1 turns prefetching off). The "
+            "window starts at 4 (or this, if lower), widens while pages come back promptly, "
+            "halves on 429, 5xx or a timeout and then stays below the size that met trouble. "
+            "8 by default: Invoca does not document its rate limits, so the tap asks for no "
+            "more than a browser's handful of connections per host, and backs off on its own.",
         ),
         th.Property(
             "request_timeout",
@@ -224,7 +227,7 @@ class TapInvocaDestinations(SeamTap):
             default=1.0,
             title="Initial retry wait",
             description="First backoff wait in seconds (at most 120); doubles on each retry (with "
-            "jitter, each wait capped at 120 s). `Retry-After` overrides it.",
+            "jitter, each wait capped at 120 s). A longer `Retry-After` overrides it.",
         ),
         th.Property(
             "emit_activate_version_messages",

@@ -217,6 +217,8 @@ class Faults:
     body_every: int = 0  # every K-th request: body_status with body_text, where "{token}" and
     body_status: int = 200  # "{token_json}" stand for the server's token (raw, JSON-escaped)
     body_text: str = ""
+    throttle_above: int = 0  # a request arriving with more than this many in flight: 429
+    error_envelope_every: int = 0  # every K-th request: 200 with Invoca's error envelope
 
 
 @dataclasses.dataclass
@@ -534,7 +536,15 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
                 server.stats.paths.append(self.path)
                 if server.token and server.token in self.path:
                     server.stats.token_in_url += 1
+                limit = server.faults.throttle_above
+                throttled = bool(limit) and server.stats.in_flight > limit
             try:
+                if throttled:  # a rate limiter answers at once, before any work
+                    body = {"errors": {"invalid_data": "Too many requests in flight"}}
+                    retry_after = server.faults.retry_after
+                    headers = {"Retry-After": retry_after} if retry_after is not None else {}
+                    self._send(429, json.dumps(body).encode(), headers)
+                    return
                 self._handle(number)
             finally:
                 with server.lock:
@@ -597,6 +607,11 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
                 token_json = json.dumps(server.token)[1:-1]
                 text = faults.body_text.replace("{token_json}", token_json)
                 self._send(faults.body_status, text.replace("{token}", server.token).encode())
+                return True
+            if every(faults.error_envelope_every):
+                errors = {"base": ["Injected: try again later"]}
+                envelope = {"data": [], "errors": errors, "recordsTotal": len(server.ids())}
+                self._send(200, json.dumps(envelope).encode())
                 return True
             return False
 
