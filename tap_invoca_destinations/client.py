@@ -777,12 +777,8 @@ class InvocaStream(SeamStream):
             Cancelled: If ``cancel`` is set while waiting to retry.
         """
         params = {**self.filter_params(), "limit": request.limit, "start": request.start}
-        policy = self.retry_policy
         if request.backoff:  # a request confirming a doubtful end (see Pager)
-            with self._lock:
-                self.retry_count += 1
-            if cancel.wait(policy.backoff(request.backoff)):
-                raise Cancelled
+            self._pause(self.retry_policy.backoff(request.backoff), cancel)
         waited = 0.0
         attempt = 0
         while True:
@@ -807,11 +803,10 @@ class InvocaStream(SeamStream):
                 return page
             if cancel.is_set():
                 raise Cancelled  # no longer wanted: neither retried nor logged
+            policy = self.retry_policy
             wait = policy.wait(attempt, waited, retry_after)
             if wait is None:
                 raise InvocaTransientError(policy.give_up_message(attempt, waited, failure))
-            with self._lock:
-                self.retry_count += 1
             self.logger.warning(
                 "Retrying GET %s start=%d: %s, attempt %d/%d, waiting %.2f s%s",
                 self.path,
@@ -820,11 +815,21 @@ class InvocaStream(SeamStream):
                 attempt,
                 policy.max_tries,
                 wait,
-                " (Retry-After)" if retry_after is not None else "",
+                " (Retry-After)" if retry_after is not None and retry_after >= wait else "",
             )
-            if cancel.wait(wait):
-                raise Cancelled
+            self._pause(wait, cancel)
             waited += wait
+
+    def _pause(self, seconds: float, cancel: threading.Event) -> None:
+        """Wait before a retry (counted as one).
+
+        Raises:
+            Cancelled: If the page stops being wanted meanwhile.
+        """
+        with self._lock:
+            self.retry_count += 1
+        if cancel.wait(seconds):
+            raise Cancelled
 
     def transport_failure(self, exc: BaseException) -> tuple[str, str]:
         """Name a transport failure worth retrying: (reason, message).
