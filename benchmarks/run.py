@@ -4,7 +4,9 @@ S1  100,000 destinations, no added latency: wall time, CPU time and peak RSS of
     the tap, of hand-written scripts (benchmarks/baseline.py: json with strptime,
     json with fromisoformat, orjson) and of the floor (benchmarks/floor.py: the
     same page requests at the same concurrency, bodies thrown away); ratios, and
-    CPU microseconds per record for the tap and the floor.
+    CPU microseconds per record for the tap and the floor; and the same read
+    through the Airbyte source (`source-invoca-destinations read`), full refresh,
+    against the Singer run's wall time (target <= 1.2).
 S2  20,000 destinations, 30 ms added per request: the tap with default settings
     (the adaptive window), with max_concurrency=1, and the sequential script.
 S3  the tap's peak RSS at 20,000 and at 200,000 destinations.
@@ -130,6 +132,20 @@ def tap(name: str, build: Path, server: Server, workdir: Path, **settings: objec
     return Command(name, argv, env, server.count)
 
 
+def airbyte(build: Path, server: Server, workdir: Path) -> Command:
+    """The Airbyte source's full-refresh read of the same list (source-invoca-destinations)."""
+    config = {"api_token": TOKEN, "network_id": "1234", "base_url": server.url}
+    (workdir / "airbyte-config.json").write_text(json.dumps(config))
+    stream = {"name": "destinations", "json_schema": {}, "supported_sync_modes": ["full_refresh"]}
+    catalog = {"streams": [{"stream": stream, "sync_mode": "full_refresh",
+                            "destination_sync_mode": "overwrite"}]}  # fmt: skip
+    (workdir / "airbyte-catalog.json").write_text(json.dumps(catalog))
+    argv = [sys.executable, "-m", "tap_invoca_destinations.airbyte", "read",
+            "--config", str(workdir / "airbyte-config.json"),
+            "--catalog", str(workdir / "airbyte-catalog.json")]  # fmt: skip
+    return Command("airbyte source", argv, {**BASE_ENV, "PYTHONPATH": str(build)}, server.count)
+
+
 def script(name: str, server: Server, *flags: str) -> Command:
     argv = [sys.executable, str(ROOT / "benchmarks" / "baseline.py"), server.url, TOKEN, *flags]
     return Command(name, argv, BASE_ENV, server.count)
@@ -188,6 +204,7 @@ def s1(runs: int, count: int, builds: dict[str, Path], workdir: Path) -> None:
     try:
         commands = [tap(name, path, server, workdir) for name, path in builds.items()]
         commands += [
+            airbyte(ROOT, server, workdir),
             script("json (strptime)", server),
             script("json (fromisoformat)", server, "--tuned"),
             script("orjson", server, "--orjson"),
@@ -209,6 +226,8 @@ def s1(runs: int, count: int, builds: dict[str, Path], workdir: Path) -> None:
             f"CPU {mine.cpu / count * 1e6:.1f} us/record, floor {low.cpu / count * 1e6:.1f} "
             f"us/record, ratio {mine.cpu / low.cpu:.2f} (aim <= 2)"
         )
+    source = results["airbyte source"]
+    print(f"    airbyte source / tap = {source.wall / results['tap'].wall:.2f} (target <= 1.2)")
 
 
 def s2(runs: int, count: int, builds: dict[str, Path], workdir: Path) -> None:

@@ -180,6 +180,7 @@ class Faults:
     fail_status: int = 503
     retry_after: str | None = None  # None, "<seconds>", or "date:<seconds>" (HTTP-date form)
     fail_times: int | None = None  # stop failing after this many injected failures
+    fail_starts: tuple[int, ...] = ()  # list requests at these offsets fail likewise
     drop_every: int = 0  # every K-th request: connection closed without a response
     slow_every: int = 0  # every K-th request: sleep slow_seconds before answering
     slow_seconds: float = 0
@@ -573,7 +574,10 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
                 if every(k):
                     self._error(status, {"invalid_data": f"injected {status}", "class": "Injected"})
                     return True
-            if every(faults.fail_every) and (faults.fail_times is None or faults.fail_times > 0):
+            failing_start = any(f"start={n}&" in f"{self.path}&" for n in faults.fail_starts)
+            if (every(faults.fail_every) or failing_start) and (
+                faults.fail_times is None or faults.fail_times > 0
+            ):
                 if faults.fail_times is not None:
                     faults.fail_times -= 1
                 headers = {}
@@ -682,7 +686,7 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-NOT_ON_CLI = {"status_every", "on_list_page", "glitch_pages"}
+NOT_ON_CLI = {"status_every", "on_list_page", "glitch_pages", "fail_starts"}
 
 
 def main() -> None:
