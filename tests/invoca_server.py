@@ -184,6 +184,7 @@ class Faults:
     drop_every: int = 0  # every K-th request: connection closed without a response
     slow_every: int = 0  # every K-th request: sleep slow_seconds before answering
     slow_seconds: float = 0
+    slow_starts: tuple[int, ...] = ()  # list requests at these offsets are slow likewise
     non_json_every: int = 0  # every K-th request: 200 with an HTML body
     no_data_every: int = 0  # every K-th request: 200 without "data"
     page_cap: int = 0  # serve at most this many records per page
@@ -568,7 +569,9 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return True
-            if every(faults.slow_every):
+            if every(faults.slow_every) or any(
+                f"start={n}&" in f"{self.path}&" for n in faults.slow_starts
+            ):
                 time.sleep(faults.slow_seconds)
             for k, status in faults.status_every.items():
                 if every(k):
@@ -686,7 +689,7 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-NOT_ON_CLI = {"status_every", "on_list_page", "glitch_pages", "fail_starts"}
+NOT_ON_CLI = {"status_every", "on_list_page", "glitch_pages", "fail_starts", "slow_starts"}
 
 
 def main() -> None:

@@ -131,8 +131,10 @@ def test_signal_with_slow_requests_in_flight_stops_within_seconds(
 def test_a_fatal_error_does_not_wait_for_slow_prefetches(
     tmp_path: Path, make_server: Callable[..., InvocaServer], frontend: Frontend
 ) -> None:
-    # The second request fails (403) while the prefetches after it take 15 s each.
-    server = make_server(2_000, faults=Faults(status_every={2: 403}, slow_every=3, slow_seconds=15))
+    # The second page (start=49) is refused (403) while the prefetches after it take
+    # 15 s each (by offset, not by arrival order, which threads make a race).
+    faults = Faults(fail_starts=(49,), fail_status=403, slow_starts=(99, 149, 199), slow_seconds=15)
+    server = make_server(2_000, faults=faults)
     began = time.monotonic()
     with frontend.start(tmp_path, config_for(server, page_size=50), {}) as process:
         _, stderr = process.communicate(timeout=60)
