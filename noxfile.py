@@ -162,3 +162,25 @@ def build(session: nox.Session) -> None:
     if f"v{version}," not in printed:
         session.error(f"--version printed {printed!r}, expected version {version}")
     session.log(f"{wheel.name}: installed in a fresh venv; --about and --version work")
+
+
+@nox.session(python="3.12")
+def pyairbyte(session: nox.Session) -> None:
+    """The Airbyte source end to end with the real PyAirbyte client (Python 3.12, offline).
+
+    PyAirbyte (``airbyte``) supports Python 3.10-3.12 only and weighs a lot, so it
+    gets this environment of its own, from the pinned tests/pyairbyte/requirements.txt
+    (which installs this project too); the main test environment never imports it.
+    """
+    session.install("-r", str(ROOT / "tests" / "pyairbyte" / "requirements.txt"))
+    session.run(
+        "pytest",
+        str(ROOT / "tests" / "pyairbyte" / "e2e_pyairbyte.py"),
+        "-p",
+        "no:randomly",
+        # PyAirbyte and its CDK warn on import (experimental classes, ...): not ours to fail on.
+        "-W",
+        "default",
+        *session.posargs,
+        env={"AIRBYTE_OFFLINE_MODE": "1", "DO_NOT_TRACK": "1"},
+    )

@@ -1,6 +1,10 @@
-"""A run with every 3rd request throttled: requests made, time spent waiting, records emitted.
+"""A run against a throttling server: requests made, time spent waiting, records emitted.
 
-Usage: python benchmarks/throttled.py [--count N] [--retry-after SECONDS]
+By default every 3rd request is answered 429; with --throttle-above N, every
+request that arrives while more than N are in flight (a rate limiter on
+concurrency), which the adaptive window should settle under.
+
+Usage: python benchmarks/throttled.py [--count N] [--retry-after SECONDS] [--throttle-above N]
 """
 
 from __future__ import annotations
@@ -24,8 +28,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=5000)
     parser.add_argument("--retry-after", default="1", help='seconds, or "" for none')
+    parser.add_argument("--throttle-above", type=int, default=0)
+    parser.add_argument("--latency-ms", type=float, default=0)
     args = parser.parse_args()
-    faults = Faults(fail_every=3, fail_status=429, retry_after=args.retry_after or None)
+    retry_after = args.retry_after or None
+    faults = (
+        Faults(throttle_above=args.throttle_above, retry_after=retry_after)
+        if args.throttle_above
+        else Faults(fail_every=3, fail_status=429, retry_after=retry_after)
+    )
+    faults.latency_ms = args.latency_ms
     with InvocaServer(args.count, faults=faults) as server:
         config = {
             "api_token": server.token,
@@ -53,7 +65,8 @@ def main() -> None:
         print(
             f"retries            {len(waits)}, waiting {sum(waits):.1f} s in all (Retry-After: {args.retry_after or 'none'})"
         )
-        print(f"concurrency        4 -> {' -> '.join(lowered) or '4'}")
+        print(f"window lowered to  {' -> '.join(lowered) or 'never lowered'}")
+        print(f"most in flight     {server.stats.max_in_flight}")
         print(f"wall time          {wall:.1f} s")
 
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
+import stat
 import sys
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+FILE_OPTIONS = ("--config", "--state", "--catalog")
 
 
 def _stop_during_start_up(signum: int, _frame: object) -> None:
@@ -13,35 +18,87 @@ def _stop_during_start_up(signum: int, _frame: object) -> None:
     os._exit(128 + signum)
 
 
-def _config_paths(argv: list[str]) -> list[str]:
-    paths = []
+def _file_arguments(argv: list[str]) -> list[tuple[str, int, str]]:
+    """Return ``(option, index in argv, path)`` for each file given to a file option."""
+    found = []
     for index, arg in enumerate(argv):
-        if arg == "--config" and index + 1 < len(argv):
-            paths.append(argv[index + 1])
-        elif arg.startswith("--config="):
-            paths.append(arg.removeprefix("--config="))
-    return [path for path in paths if path != "ENV"]
+        if arg in FILE_OPTIONS and index + 1 < len(argv):
+            found.append((arg, index + 1, argv[index + 1]))
+        elif arg.startswith(tuple(f"{option}=" for option in FILE_OPTIONS)):
+            option, _, path = arg.partition("=")
+            found.append((option, index, path))
+    return [(option, index, path) for option, index, path in found if path != "ENV"]
+
+
+def _check_file(option: str, path: str) -> os.stat_result:
+    """Fail in one line naming the file if it cannot be read.
+
+    Raises:
+        InputFileError: If it is missing, a folder or unreadable.
+    """
+    from tap_invoca_destinations.tap import InputFileError  # noqa: PLC0415
+
+    try:
+        info = os.stat(path)  # noqa: PTH116 - a path as given, maybe /dev/fd/63
+    except OSError as exc:
+        msg = f"{option} {path}: {exc.strerror or exc}"
+        raise InputFileError(msg) from None
+    if stat.S_ISDIR(info.st_mode):
+        msg = f"{option} {path}: is a folder, not a file"
+        raise InputFileError(msg)
+    if not os.access(path, os.R_OK):
+        msg = f"{option} {path}: not readable (permission denied)"
+        raise InputFileError(msg)
+    return info
+
+
+def _checked_config(path: str) -> str:
+    """Check a ``--config`` file; return the path the SDK should read it from.
+
+    A pipe (``--config <(vault read ...)``) can be read only once: its text is
+    kept in an in-memory file (never on disk) that the SDK reads instead.
+
+    Raises:
+        InputFileError: If it cannot be read, or is not a JSON object.
+    """
+    from tap_invoca_destinations.tap import InputFileError, read_json_object  # noqa: PLC0415
+
+    info = _check_file("--config", path)
+    try:
+        with open(path, encoding="utf-8") as file:  # noqa: PTH123
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        msg = f"--config {path}: {getattr(exc, 'strerror', None) or exc}"
+        raise InputFileError(msg) from None
+    named = io.StringIO(text)
+    named.name = path
+    read_json_object(named, "--config")
+    if stat.S_ISREG(info.st_mode):
+        return path
+    if not hasattr(os, "memfd_create"):  # pragma: no cover - not Linux
+        msg = f"--config {path}: not a regular file (a pipe?); write the settings to a file"
+        raise InputFileError(msg)
+    fd = os.memfd_create("tap-invoca-destinations-config")
+    os.write(fd, text.encode())
+    return f"/proc/self/fd/{fd}"
 
 
 def main() -> None:
     """Run the tap's CLI; a failure before the tap is running is one line, not a traceback."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, _stop_during_start_up)  # the SDK's imports take a while
-    from tap_invoca_destinations.tap import (  # noqa: PLC0415
-        InputFileError,
-        TapInvocaDestinations,
-        read_json_object,
-    )
+    from tap_invoca_destinations.tap import TapInvocaDestinations  # noqa: PLC0415
 
     try:
-        for path in _config_paths(sys.argv[1:]):
-            # The SDK reads these with a traceback for a missing or non-JSON file.
-            try:
-                with open(path, encoding="utf-8") as file:  # noqa: PTH123
-                    read_json_object(file, "--config")
-            except OSError as exc:
-                msg = f"--config {path}: {exc.strerror or exc}"
-                raise InputFileError(msg) from None
+        # The SDK reads these with a traceback (--config) or click's usage error
+        # (exit 2, --state and --catalog) for a missing or unreadable file.
+        for option, index, path in _file_arguments(sys.argv[1:]):
+            if option == "--config":
+                checked = _checked_config(path)
+                arg = sys.argv[index + 1]
+                sys.argv[index + 1] = checked if arg == path else f"--config={checked}"
+            else:
+                _check_file(option, path)
         TapInvocaDestinations.cli()
     except Exception as exc:  # noqa: BLE001 - e.g. a --config file that cannot be read
         detail = " ".join(str(exc).split()) or type(exc).__name__

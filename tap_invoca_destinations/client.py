@@ -10,32 +10,40 @@ import datetime as dt
 import email.utils
 import ipaddress
 import json
+import math
 import sys
 import threading
 import time
 import typing as t
+import zlib
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from functools import cached_property
 from http import HTTPStatus
-from urllib.parse import urlparse
+from urllib.parse import quote, quote_plus, urlparse
 
 import msgspec
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
+from requests.auth import AuthBase
 from singer_sdk import metrics
 from singer_sdk.exceptions import FatalAPIError
 
 from tap_invoca_destinations.paging import (
+    WORKERS,
+    AdaptiveWindow,
     Cancelled,
     Pager,
     PagingError,
     PrefetchWindow,
     Request,
     RetryPolicy,
+    Step,
+    UnsettledListError,
 )
+from tap_invoca_destinations.records import INT64_MAX, INT64_MIN, PageDecoder, as_int64
 from tap_invoca_destinations.sdk_seam import SeamStream
 
 if t.TYPE_CHECKING:
@@ -59,10 +67,16 @@ RETRIABLE_TRANSPORT = (
 )
 BODY_QUOTE_CHARS = 300
 READ_CHUNK = 256 * 1024
-MAX_BODY_BYTES = 256 * 1024 * 1024  # a page of 100 destinations is ~100 KB; this is no page
+MAX_BODY_BYTES = 256 * 1024 * 1024  # the cap of the per-response bound below, whatever the page
+BODY_BASE_BYTES = 1024 * 1024  # envelope and error pages
+BODY_BYTES_PER_RECORD = 16 * 1024  # a destination is ~1 KB on the wire: 16x slack
+BODIES_IN_FLIGHT_BYTES = 64 * 1024 * 1024  # all bodies being read at once (at least 2 pages)
+REDACTED = "<redacted>"
 PROGRESS_INTERVAL_SECONDS = 30.0  # wall time between progress lines of a long sync
 DEFAULT_BASE_URL = "https://invoca.net"
 DEFAULT_API_VERSION = "2022-08-01"
+DEFAULT_MAX_CONCURRENCY = 8  # the window's ceiling; see the setting's description
+WINDOW_START = 4  # pages in flight at first (the fixed window of earlier versions)
 
 HINTS: dict[int, str] = {
     HTTPStatus.UNAUTHORIZED: "the token was rejected: check api_token",
@@ -74,6 +88,20 @@ HINTS: dict[int, str] = {
 
 class InvocaError(FatalAPIError):
     """A failure the tap reports on one line and exits non-zero for."""
+
+    failure_type = "system_error"  # the Airbyte source's failure type (see subclasses)
+
+
+class InvocaConfigError(InvocaError):
+    """A failure the user must fix: the token, network, version, a setting, the state."""
+
+    failure_type = "config_error"
+
+
+class InvocaTransientError(InvocaError):
+    """Retries ran out on failures that may pass (429, 5xx, timeouts, dropped connections)."""
+
+    failure_type = "transient_error"
 
 
 class RetriableReply(Exception):  # noqa: N818 - a signal to the retry loop, caught there
@@ -97,6 +125,7 @@ class Reply:
     headers: Mapping[str, str]
     body: bytes
     seconds: float
+    secrets: tuple[str, ...] = ()  # redacted from every quote of this reply
 
     @property
     def where(self) -> str:
@@ -104,37 +133,81 @@ class Reply:
         return f"HTTP {self.status} for GET {self.path}"
 
     def quote(self) -> str:
-        """The start of the body, decoded leniently, for an error message."""
-        return repr(quote_body(self.body[: BODY_QUOTE_CHARS * 4].decode("utf-8", "replace")))
+        """The start of the body, decoded leniently, for an error message (secrets redacted).
+
+        The whole body is redacted before it is quoted and cut: ``repr`` escapes a
+        secret differently inside a longer text, and a cut can leave its start.
+        """
+        return repr(quote_body(self.body.decode("utf-8", "replace"), self.secrets))
 
 
 @dataclass
 class Page:
     """One decoded list response."""
 
-    records: list[dict[str, t.Any]]
+    records: list[t.Any]  # RawDestination structs of a typed page, else dicts
     ids: list[int]
     total: object  # recordsTotal as sent: only a hint
 
 
-def quote_body(text: str) -> str:
-    """Return the start of a response body, on one line, for an error message."""
-    flat = " ".join(text.split())
+def secret_forms(secret: str) -> list[str]:
+    """A secret as it may be printed: raw, escaped (JSON, ``repr`` in any text), URL-encoded.
+
+    Longest first, so that a form holding another is replaced whole.
+    """
+    backslashed = secret.replace("\\", "\\\\")
+    forms = {
+        secret,
+        repr(secret)[1:-1],
+        backslashed,  # repr of a longer text that holds the secret: ' left alone ...
+        backslashed.replace("'", "\\'"),  # ... or escaped, when that text holds " too
+        json.dumps(secret)[1:-1],
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+        json.dumps(secret)[1:-1].replace("/", "\\/"),  # JSON encoders that escape /
+        quote(secret, safe=""),
+        quote_plus(secret),
+    }
+    return sorted((form for form in forms if form), key=len, reverse=True)
+
+
+def redact(text: str, secrets: t.Iterable[str]) -> str:
+    """Return ``text`` with every form of each secret replaced by ``<redacted>``."""
+    for secret in secrets:
+        for form in secret_forms(secret):
+            if form in text:
+                text = text.replace(form, REDACTED)
+    return text
+
+
+def quote_body(text: str, secrets: t.Iterable[str] = ()) -> str:
+    """Return the start of a response body, on one line, for an error message.
+
+    Secrets are redacted before the text is flattened and cut, so neither can
+    leave part of one.
+    """
+    secrets = tuple(secrets)
+    flat = redact(" ".join(redact(text, secrets).split()), secrets)
     return flat if len(flat) <= BODY_QUOTE_CHARS else flat[:BODY_QUOTE_CHARS] + "…"
 
 
 def retry_after_seconds(header: str | None) -> float | None:
-    """Parse a Retry-After header (delta-seconds or HTTP-date) into seconds from now."""
+    """Parse a Retry-After header (delta-seconds or HTTP-date) into seconds from now.
+
+    None for a value that is absent or invalid (negative, ``nan``, infinite,
+    unparseable): the caller then uses its usual backoff.
+    """
     if not header:
         return None
     header = header.strip()
     try:
-        return max(0.0, float(header))
+        seconds = float(header)
     except ValueError:
         pass
+    else:
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
     try:
         when = email.utils.parsedate_to_datetime(header)
-        return max(0.0, when.timestamp() - time.time())
+        return max(0.0, when.timestamp() - time.time())  # a date in the past: now
     except (TypeError, ValueError, OverflowError):  # absurd years overflow
         return None
 
@@ -172,46 +245,165 @@ def transport_reason(exc: BaseException) -> str:
     return " ".join(str(reason).split()) or type(reason).__name__
 
 
-def read_body(
-    response: requests.Response, deadline: float, abandoned: threading.Event, timeout: float
+def body_limit(records: int) -> int:
+    """The most bytes (inflated) a response asking for ``records`` destinations may hold."""
+    return min(BODY_BASE_BYTES + max(records, 1) * BODY_BYTES_PER_RECORD, MAX_BODY_BYTES)
+
+
+class BodyBudget:
+    """Bytes of the response bodies being read at once, by all requests in flight."""
+
+    def __init__(self, limit: int) -> None:
+        """Allow ``limit`` bytes in all."""
+        self.limit = limit
+        self._used = 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bool:
+        """Count ``size`` more bytes; False (nothing counted) if that would pass the limit."""
+        with self._lock:
+            if self._used + size > self.limit:
+                return False
+            self._used += size
+            return True
+
+    def give_back(self, size: int) -> None:
+        """Release bytes counted by ``take``."""
+        with self._lock:
+            self._used -= size
+
+
+def _too_big(response: requests.Response, what: str, records: int) -> InvocaError:
+    encoding = response.headers.get("Content-Encoding", "").strip()
+    body = f"the {encoding}-compressed body inflated" if encoding else "the body grew"
+    return InvocaError(
+        f"HTTP {response.status_code} for GET {urlparse(response.url).path}: {body} past "
+        f"{what}, far more than the {records} destinations asked for need; Invoca sent "
+        "something other than a page"
+    )
+
+
+def read_body(  # noqa: PLR0913 - the request's deadline and bounds
+    response: requests.Response,
+    deadline: float,
+    abandoned: threading.Event,
+    timeout: float,
+    *,
+    records: int = 100,
+    budget: BodyBudget | None = None,
 ) -> bytes:
     """Read a streamed body, giving up at the deadline even if bytes keep trickling in.
 
+    Memory stays bounded whatever the server sends (a compressed body may inflate
+    a thousandfold): the inflated body may hold at most ``body_limit(records)``
+    bytes, and all bodies being read at once at most what ``budget`` allows.
+
     Raises:
         requests.exceptions.ReadTimeout: If the body is not complete by the deadline.
-        InvocaError: If the body grows past ``MAX_BODY_BYTES`` (memory stays bounded).
+        InvocaError: If the body passes either bound.
     """
+    limit = body_limit(records)
+    inflater = body_inflater(response)
     chunks = []
     size = 0
-    while chunk := response.raw.read1(READ_CHUNK, decode_content=True):
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            msg = (
-                f"HTTP {response.status_code} for GET {urlparse(response.url).path}: the body "
-                f"grew past {MAX_BODY_BYTES:,} bytes; lower page_size"
-            )
-            raise InvocaError(msg)
-        if abandoned.is_set() or time.monotonic() > deadline:
-            msg = f"no complete response within request_timeout={timeout:g} s"
-            raise requests.exceptions.ReadTimeout(msg)
-    return b"".join(chunks)
+    try:
+        # Raw bytes, inflated here with a bound on each step: urllib3 would inflate a
+        # whole network read at once (256 KiB of gzip can hold 256 MB).
+        while raw := response.raw.read1(READ_CHUNK, decode_content=False):
+            while raw:
+                if inflater is None:
+                    chunk, raw = raw, b""
+                else:
+                    chunk, raw = inflater.inflate(raw, max(limit - size, 0) + 1)
+                if size + len(chunk) > limit:
+                    raise _too_big(response, f"{limit:,} bytes", records)
+                if budget is not None and not budget.take(len(chunk)):
+                    what = f"{budget.limit:,} bytes with the other responses being read"
+                    raise _too_big(response, what, records)
+                chunks.append(chunk)
+                size += len(chunk)
+            if abandoned.is_set() or time.monotonic() > deadline:
+                msg = f"no complete response within request_timeout={timeout:g} s"
+                raise requests.exceptions.ReadTimeout(msg)
+        rest = inflater.finish() if inflater is not None else b""
+        if size + len(rest) > limit or (budget is not None and not budget.take(len(rest))):
+            raise _too_big(response, f"{limit:,} bytes", records)
+        size += len(rest)
+        return b"".join([*chunks, rest])
+    finally:
+        if budget is not None:
+            budget.give_back(size)
+
+
+class Inflater:
+    """Inflates gzip or zlib data in steps of bounded output, across concatenated gzip members."""
+
+    def __init__(self) -> None:
+        """Expect a gzip or a zlib header."""
+        self._member = zlib.decompressobj(32 + zlib.MAX_WBITS)
+
+    def inflate(self, data: bytes, most: int) -> tuple[bytes, bytes]:
+        """Inflate the start of ``data``: at most ``most`` bytes out, and the input left over."""
+        member = self._member
+        if member.eof:  # RFC 1952 allows several gzip members one after another
+            member = self._member = zlib.decompressobj(32 + zlib.MAX_WBITS)
+        out = member.decompress(data, most)
+        # Input past this member's end comes back as left over, to start the next one.
+        return out, member.unconsumed_tail or member.unused_data
+
+    def finish(self) -> bytes:
+        """What zlib still holds once every input byte was given (a few bytes, if any)."""
+        return self._member.flush()
+
+
+def body_inflater(response: requests.Response) -> Inflater | None:
+    """An inflater for the body's ``Content-Encoding``, or None for an identity body.
+
+    Raises:
+        InvocaError: For an encoding the tap did not ask for (it asks for gzip or deflate).
+    """
+    encoding = response.headers.get("Content-Encoding", "").strip().lower()
+    if encoding in {"", "identity"}:
+        return None
+    if encoding in {"gzip", "x-gzip", "deflate"}:
+        return Inflater()
+    msg = (
+        f"HTTP {response.status_code} for GET {urlparse(response.url).path}: the body is "
+        f"{encoding}-compressed, which the tap did not ask for (it asks for gzip or deflate)"
+    )
+    raise InvocaError(msg)
+
+
+def _redact_json(value: object, secrets: tuple[str, ...]) -> object:
+    """``value`` (decoded JSON) with secrets redacted from every string, keys included."""
+    if isinstance(value, str):
+        return redact(value, secrets)
+    if isinstance(value, list):
+        return [_redact_json(item, secrets) for item in value]
+    if isinstance(value, dict):
+        return {redact(k, secrets): _redact_json(v, secrets) for k, v in value.items()}
+    return value
 
 
 def invoca_error_text(reply: Reply) -> str:
-    """Return Invoca's error text from an error body, or the start of the body."""
+    """Return Invoca's error text from an error body, or the start of the body.
+
+    Secrets are redacted from the decoded strings, before they are quoted or cut
+    (a JSON escape such as ``u0026`` hides a secret from a search of the raw text).
+    """
+    secrets = reply.secrets
     try:
-        body = json.loads(reply.body)
+        body = _redact_json(json.loads(reply.body), secrets)
     except (ValueError, RecursionError):
-        return quote_body(reply.body.decode("utf-8", "replace")) if reply.body else ""
+        return quote_body(reply.body.decode("utf-8", "replace"), secrets) if reply.body else ""
     errors = body.get("errors") if isinstance(body, dict) else None
     if isinstance(errors, dict):
         parts = []
         for key, value in errors.items():
             text = "; ".join(map(str, value)) if isinstance(value, list) else str(value)
             parts.append(f"{key}: {text}")
-        return quote_body(", ".join(parts))
-    return quote_body(json.dumps(body))
+        return quote_body(", ".join(parts), secrets)
+    return quote_body(json.dumps(body), secrets)
 
 
 def error_message(reply: Reply) -> str:
@@ -222,7 +414,7 @@ def error_message(reply: Reply) -> str:
         text += f": {detail}"
     if hint := HINTS.get(reply.status):
         text += f" ({hint})"
-    return text
+    return redact(text, reply.secrets)  # the reason phrase is the server's too
 
 
 def check_status(reply: Reply) -> None:
@@ -240,35 +432,35 @@ def check_status(reply: Reply) -> None:
             f"{reply.where}: Invoca redirects to {target.scheme}://{target.netloc}{target.path}"
             " (set base_url to that host)"
         )
-        raise InvocaError(msg)
+        raise InvocaConfigError(redact(msg, reply.secrets))
     if reply.status in RETRIABLE_STATUSES:
         raise RetriableReply(reply)
-    if reply.status >= HTTPStatus.MULTIPLE_CHOICES:
+    if reply.status >= HTTPStatus.INTERNAL_SERVER_ERROR:
         raise InvocaError(error_message(reply))
+    if reply.status >= HTTPStatus.MULTIPLE_CHOICES:
+        raise InvocaConfigError(error_message(reply))  # 401, 403, 404: the request's arguments
 
 
-def decode_page(reply: Reply) -> Page:
-    """Decode a list response once, checking the envelope.
+def decode_page(reply: Reply, decoder: PageDecoder | None = None) -> Page:
+    """Decode a list response once, checking the envelope and the ids.
+
+    With a ``decoder``, the page is decoded into typed records when it fits them
+    (see ``records.PageDecoder``); otherwise, and whenever it does not, into dicts.
 
     Raises:
-        InvocaError: If the body is not UTF-8 JSON, lacks a ``data`` list, or has
-            records that are not objects with integer ids.
+        InvocaError: If the body is not UTF-8 JSON, carries Invoca's error envelope,
+            lacks a ``data`` list, or has records that are not objects with an
+            integer id that fits 64 bits.
     """
-    try:
-        body = msgspec.json.decode(reply.body)
-    except UnicodeDecodeError:
-        problem = "the body is not UTF-8"
-    except RecursionError:
-        problem = "the body's JSON is nested too deeply"
-    except msgspec.DecodeError:
-        problem = "the body is not JSON"
-    else:
-        problem = ""
-    if problem:
-        msg = f"{reply.where}: {problem}: {reply.quote()}"
-        raise InvocaError(msg)
-    data = body.get("data") if isinstance(body, dict) else None
-    if not isinstance(data, list):
+    if decoder is not None and decoder.active:
+        page = _decode_typed(reply, decoder)
+        if page is not None:
+            return page
+    body = _decode_json(reply)
+    if isinstance(body, dict):
+        _refuse_error_envelope(reply, body.get("errors"), body.get("error"))
+        data = body.get("data")
+    if not isinstance(body, dict) or not isinstance(data, list):
         msg = f"{reply.where}: the body has no 'data' list: {reply.quote()}"
         raise InvocaError(msg)
     ids = []
@@ -276,13 +468,94 @@ def decode_page(reply: Reply) -> Page:
         if not isinstance(record, dict):
             msg = f"{reply.where}: a record in 'data' is not an object: {reply.quote()}"
             raise InvocaError(msg)
-        raw_id = record.get("id")
-        try:
-            ids.append(raw_id if type(raw_id) is int else int(str(raw_id).strip()))
-        except ValueError:
-            msg = f"{reply.where}: a destination has no integer id ({raw_id!r})"
-            raise InvocaError(msg) from None
+        ids.append(_record_id(reply, record.get("id")))
     return Page(records=data, ids=ids, total=body.get("recordsTotal"))
+
+
+def feed_pager(pager: Pager, page: Page) -> Step:
+    """Feed one page's facts to the pager, turning its refusals into the tap's errors.
+
+    Raises:
+        InvocaTransientError: If the list could not be read whole now (a later run may).
+        InvocaError: If the server's paging is broken.
+    """
+    try:
+        return pager.feed(page.ids, page.total)
+    except UnsettledListError as exc:
+        raise InvocaTransientError(str(exc)) from None
+    except PagingError as exc:
+        raise InvocaError(str(exc)) from None
+
+
+class TokenAuth(AuthBase):
+    """Sends the token as the ``Authorization`` header.
+
+    As the session's auth it also keeps requests from putting Basic auth from
+    ``~/.netrc`` or ``user:pass@`` in the URL in place of the token.
+    """
+
+    def __init__(self, token: str) -> None:
+        """Send ``token``."""
+        self._token = token
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        """Set the header on ``request``."""
+        request.headers["Authorization"] = self._token
+        return request
+
+    def __repr__(self) -> str:
+        """Never the token."""
+        return "TokenAuth(<redacted>)"
+
+
+def _decode_json(reply: Reply) -> object:
+    try:
+        return msgspec.json.decode(reply.body)
+    except UnicodeDecodeError:
+        problem = "the body is not UTF-8"
+    except RecursionError:
+        problem = "the body's JSON is nested too deeply"
+    except msgspec.DecodeError:
+        problem = "the body is not JSON"
+    msg = f"{reply.where}: {problem}: {reply.quote()}"
+    raise InvocaError(msg)
+
+
+def _decode_typed(reply: Reply, decoder: PageDecoder) -> Page | None:
+    """The page as typed records, or None when it does not fit them (or is broken)."""
+    try:
+        body = decoder.decoder.decode(reply.body)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None  # the dict path decides, and names any problem
+    _refuse_error_envelope(reply, body.errors, body.error)
+    ids = []
+    for record in body.data:
+        raw_id = record.id
+        if type(raw_id) is not int or not INT64_MIN <= raw_id <= INT64_MAX:
+            raw_id = record.id = _record_id(reply, raw_id)
+        ids.append(raw_id)
+    return Page(records=body.data, ids=ids, total=body.recordsTotal)
+
+
+def _refuse_error_envelope(reply: Reply, errors: object, error: object) -> None:
+    """Raise if a 200 carries Invoca's error envelope: it is no (empty) page."""
+    for name, value in (("errors", errors), ("error", error)):
+        if value not in (None, "", [], {}):
+            text = quote_body(value) if isinstance(value, str) else invoca_error_text(reply)
+            msg = f"{reply.where}: Invoca answered with '{name}': {text}"
+            raise InvocaError(msg)
+
+
+def _record_id(reply: Reply, raw_id: object) -> int:
+    """A record's id as an int: an integer or an ASCII digit string that fits 64 bits."""
+    record_id = as_int64(raw_id) if not isinstance(raw_id, float) else None
+    if record_id is None:
+        msg = (
+            f"{reply.where}: a destination has no integer id that fits 64 bits "
+            f"(id {quote_body(repr(raw_id))})"
+        )
+        raise InvocaError(msg)
+    return record_id
 
 
 class InvocaStream(SeamStream):
@@ -298,14 +571,18 @@ class InvocaStream(SeamStream):
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
         """Initialise the stream; paging state is created per sync by iter_pages."""
         super().__init__(*args, **kwargs)
-        self.max_concurrency = max(int(self.config.get("max_concurrency", 4)), 1)
+        self.max_concurrency = max(
+            int(self.config.get("max_concurrency", DEFAULT_MAX_CONCURRENCY)), 1
+        )
         self.server_date_at_start: dt.datetime | None = None
         self.request_count = 0
         self.retry_count = 0
         self._lock = threading.Lock()
         self._got_reply = False
         self._window: PrefetchWindow[Page] | None = None
+        self._adaptive: AdaptiveWindow | None = None
         self._request_counter: metrics.Counter | None = None
+        self.page_decoder: PageDecoder | None = None  # set by a stream whose records it knows
 
     @property
     @override
@@ -318,6 +595,7 @@ class InvocaStream(SeamStream):
         return {
             "Authorization": self.config["api_token"],
             "Accept": "application/json",
+            "Accept-Encoding": "gzip, deflate",  # what read_body inflates with bounded steps
             "User-Agent": self.user_agent,
         }
 
@@ -348,7 +626,20 @@ class InvocaStream(SeamStream):
         session.trust_env = not (
             urlparse(self.url_base).scheme == "http" and is_loopback(self.url_base)
         )
+        session.auth = TokenAuth(self.config["api_token"])  # never ~/.netrc's Basic auth
         return session
+
+    @cached_property
+    def secrets(self) -> tuple[str, ...]:
+        """The token as used and as configured: redacted from every quoted reply."""
+        forms = {self.config.get("api_token"), *getattr(self._tap, "secret_forms", ())}
+        return tuple(form for form in forms if isinstance(form, str) and form.strip())
+
+    @cached_property
+    def body_budget(self) -> BodyBudget:
+        """The bound on the bytes of all response bodies being read at once."""
+        page = body_limit(int(self.config.get("page_size", 100)))
+        return BodyBudget(max(BODIES_IN_FLIGHT_BYTES, 2 * page))
 
     @property
     @override
@@ -362,6 +653,13 @@ class InvocaStream(SeamStream):
             max_tries=int(self.config.get("max_tries", 6)),
             budget_seconds=float(self.config.get("max_retry_seconds", 300)),
             initial_wait=float(self.config.get("retry_initial_wait", 1.0)),
+        )
+
+    @property
+    def mirror_mode(self) -> bool:
+        """True when a complete read ends in ACTIVATE_VERSION (the target then deletes)."""
+        return self.replication_method == "FULL_TABLE" and bool(
+            self.config.get("emit_activate_version_messages")
         )
 
     @override
@@ -396,7 +694,7 @@ class InvocaStream(SeamStream):
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
                 box.set_exception(exc)
 
-        threading.Thread(target=run, name="invoca-request", daemon=True).start()
+        WORKERS.run(run)
         try:
             return box.result(timeout=timeout)
         except FutureTimeout:
@@ -418,7 +716,14 @@ class InvocaStream(SeamStream):
             stream=True,
         )
         try:
-            body = read_body(response, deadline, abandoned, self.timeout)
+            body = read_body(
+                response,
+                deadline,
+                abandoned,
+                self.timeout,
+                records=int(params.get("limit", 100)),
+                budget=self.body_budget,
+            )
         except BaseException:
             response.close()  # the connection is unusable: not back to the pool
             raise
@@ -429,6 +734,7 @@ class InvocaStream(SeamStream):
             headers=response.headers,
             body=body,
             seconds=time.monotonic() - began,
+            secrets=self.secrets,
         )
         self._note_reply(reply)
         return reply
@@ -471,29 +777,36 @@ class InvocaStream(SeamStream):
             Cancelled: If ``cancel`` is set while waiting to retry.
         """
         params = {**self.filter_params(), "limit": request.limit, "start": request.start}
-        policy = self.retry_policy
+        if request.backoff:  # a request confirming a doubtful end (see Pager)
+            self._pause(self.retry_policy.backoff(request.backoff), cancel)
         waited = 0.0
         attempt = 0
         while True:
             attempt += 1
+            adaptive = self._adaptive
+            ticket = adaptive.sent() if adaptive is not None else 0
             try:
                 reply = self.send(params)
                 check_status(reply)
-                return decode_page(reply)
+                page = decode_page(reply, self.page_decoder)
             except RetriableReply as exc:
                 reason, retry_after, failure = exc.reason, exc.retry_after, str(exc)
-                if exc.throttled:
-                    self._lower_concurrency()
+                self._window_trouble(ticket, reason)
             except (requests.RequestException, OSError, urllib3.exceptions.HTTPError) as exc:
                 reason, failure = self.transport_failure(exc)
                 retry_after = None
+                if isinstance(exc, (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError)):
+                    self._window_trouble(ticket, reason)
+            else:
+                if adaptive is not None:
+                    adaptive.prompt(ticket, reply.seconds)
+                return page
             if cancel.is_set():
                 raise Cancelled  # no longer wanted: neither retried nor logged
+            policy = self.retry_policy
             wait = policy.wait(attempt, waited, retry_after)
             if wait is None:
-                raise InvocaError(policy.give_up_message(attempt, waited, failure))
-            with self._lock:
-                self.retry_count += 1
+                raise InvocaTransientError(policy.give_up_message(attempt, waited, failure))
             self.logger.warning(
                 "Retrying GET %s start=%d: %s, attempt %d/%d, waiting %.2f s%s",
                 self.path,
@@ -502,11 +815,21 @@ class InvocaStream(SeamStream):
                 attempt,
                 policy.max_tries,
                 wait,
-                " (Retry-After)" if retry_after is not None else "",
+                " (Retry-After)" if retry_after is not None and retry_after >= wait else "",
             )
-            if cancel.wait(wait):
-                raise Cancelled
+            self._pause(wait, cancel)
             waited += wait
+
+    def _pause(self, seconds: float, cancel: threading.Event) -> None:
+        """Wait before a retry (counted as one).
+
+        Raises:
+            Cancelled: If the page stops being wanted meanwhile.
+        """
+        with self._lock:
+            self.retry_count += 1
+        if cancel.wait(seconds):
+            raise Cancelled
 
     def transport_failure(self, exc: BaseException) -> tuple[str, str]:
         """Name a transport failure worth retrying: (reason, message).
@@ -517,27 +840,30 @@ class InvocaStream(SeamStream):
         if isinstance(exc, requests.exceptions.SSLError):
             host = urlparse(self.url_base).netloc
             msg = f"TLS error talking to {host}: {transport_reason(exc)}"
-            raise InvocaError(msg) from None
+            raise InvocaConfigError(msg) from None
         if isinstance(exc, requests.exceptions.InvalidHeader):
             # Its message quotes the header value, which may be the token.
             msg = (
                 "a request header has an invalid value (control characters or surrounding "
                 "whitespace?): check api_token and user_agent"
             )
-            raise InvocaError(msg) from None
+            raise InvocaConfigError(msg) from None
         if isinstance(exc, RETRIABLE_TRANSPORT):
             reason = type(exc).__name__
             return reason, f"{reason} for GET {self.path}: {transport_reason(exc)}"
         # E.g. a CA bundle that cannot be read: retrying will not help.
         msg = f"cannot send GET {self.path}: {transport_reason(exc)}"
-        raise InvocaError(msg) from None
+        raise InvocaConfigError(msg) from None
 
-    def _lower_concurrency(self) -> None:
-        window = self._window
-        size = window.lower() if window is not None else None
+    def _window_trouble(self, ticket: int, reason: str) -> None:
+        adaptive = self._adaptive
+        size = adaptive.trouble(ticket) if adaptive is not None else None
         if size is not None:
             self.logger.warning(
-                "Invoca throttled (429): lowering concurrency to %d for the rest of the run", size
+                "Invoca %s (%s): lowering concurrency to %d",
+                "throttled" if reason == "HTTP 429" else "is struggling",
+                reason,
+                size,
             )
 
     # --- paging --------------------------------------------------------------
@@ -548,30 +874,39 @@ class InvocaStream(SeamStream):
         Raises:
             InvocaError: If paging cannot be done safely (see ``paging.Pager``).
         """
-        pager = Pager(page_size=int(self.config.get("page_size", 100)))
+        pager = Pager(
+            page_size=int(self.config.get("page_size", 100)),
+            max_doubts=self.retry_policy.max_tries - 1,  # a doubtful end is retried like a 5xx
+            strict=self.mirror_mode,
+        )
         with self._lock:
             self.server_date_at_start = None
             self._got_reply = False
             self.request_count = self.retry_count = 0
         window: PrefetchWindow[Page] = PrefetchWindow(self.fetch_page, self.max_concurrency)
-        self._window = window
+        adaptive = AdaptiveWindow(start=WINDOW_START, ceiling=self.max_concurrency)
+        self._window, self._adaptive = window, adaptive
         began = last_progress = time.monotonic()
         outcome = "stopped"
         with self.get_http_request_counter() as counter:
             self._request_counter = counter
             try:
-                for request in pager.plan(window.size):
+                for request in pager.plan(adaptive.size):
                     window.submit(request)
                 while len(window):
                     _, page = window.pop()
-                    try:
-                        step = pager.feed(page.ids, page.total)
-                    except PagingError as exc:
-                        raise InvocaError(str(exc)) from None
+                    step = feed_pager(pager, page)
                     if step.discard:
                         window.discard()
+                    if step.doubt:
+                        self.logger.warning(
+                            "%s: asking again to confirm the end of the list (%d/%d)",
+                            step.doubt,
+                            pager.doubts,
+                            pager.max_doubts,
+                        )
                     # Before handing records over, so requests overlap their processing.
-                    for request in pager.plan(window.size):
+                    for request in pager.plan(adaptive.size):
                         window.submit(request)
                     if step.emit_from < len(page.records):
                         yield page.records[step.emit_from :]
@@ -584,7 +919,7 @@ class InvocaStream(SeamStream):
                 outcome = "done"
             finally:
                 window.discard()
-                self._window = self._request_counter = None
+                self._window = self._adaptive = self._request_counter = None
                 self._log_progress(pager, outcome, time.monotonic() - began)
 
     def _log_progress(self, pager: Pager, what: str, seconds: float) -> None:

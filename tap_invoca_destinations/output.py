@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import io
 import os
+import select
 import signal
+import stat
 import sys
 import typing as t
 
@@ -20,16 +22,17 @@ else:  # pragma: no cover
 
 
 class SyncInterrupted(BaseException):
-    """SIGTERM or SIGINT arrived: the sync stops, exits 128 + the signal number."""
+    """SIGTERM, SIGINT or SIGHUP arrived: the sync stops, exits 128 + the signal number."""
 
     def __init__(self, signum: int) -> None:
         """Remember which signal stopped the sync."""
         super().__init__(signum)
         self.signum = signum
+        self.cut_line = False  # an abandoned write left a line longer than PIPE_BUF cut
 
     @property
     def exit_code(self) -> int:
-        """The shell convention for a process ended by this signal (143, 130)."""
+        """The shell convention for a process ended by this signal (143, 130, 129)."""
         return 128 + self.signum
 
     @property
@@ -44,6 +47,29 @@ class OutputClosed(Exception):  # noqa: N818 - it is a state of the world, not a
 
 def _encode_other(value: object) -> str:
     return value.isoformat() if isinstance(value, dt.datetime) else str(value)
+
+
+def _is_pipe(fd: int) -> bool:
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+def _line_chunks(data: bytes, size: int) -> t.Iterator[memoryview]:
+    """Cut ``data`` (whole lines) into runs of whole lines of at most ``size`` bytes.
+
+    A line longer than ``size`` is a run of its own.
+    """
+    view = memoryview(data)
+    start, end = 0, len(data)
+    while start < end:
+        stop = data.rfind(b"\n", start, start + size) + 1
+        if stop <= start:  # one line longer than size
+            stop = data.find(b"\n", start + size) + 1 or end
+        yield view[start:stop]
+        start = stop
 
 
 def _fileno(stream: object) -> int | None:
@@ -62,10 +88,13 @@ class BufferedSingerWriter(GenericSingerWriter[bytes, Message]):
     ...) writes the buffer out first, so a STATE is never visible ahead of the
     records it covers. Blocks are written to stdout's file descriptor until
     every byte is out: with ``PYTHONUNBUFFERED=1`` stdout is a raw file whose
-    writes may be partial. A stop signal that arrives while a block is being
-    written is held until the block is complete (see ``interrupt``), so stdout
-    never holds half a line or a line twice, unless the target stops reading
-    altogether: then the write is abandoned after ``STOP_GRACE_SECONDS``.
+    writes may be partial, and a runner may have made it non-blocking. To a pipe
+    or socket, each write holds whole lines and at most ``PIPE_BUF`` bytes, which
+    a pipe takes whole or not at all. A stop signal that arrives while a block
+    is being written is held until the current write is complete (see
+    ``interrupt``), so stdout never holds half a line or a line twice; a target
+    that has stopped reading altogether gets ``STOP_GRACE_SECONDS``, then the
+    write is abandoned, still at a line boundary.
     """
 
     BLOCK_BYTES = 64 * 1024
@@ -133,8 +162,7 @@ class BufferedSingerWriter(GenericSingerWriter[bytes, Message]):
             self._writing = False
         self._raise_held_signal()
 
-    @staticmethod
-    def _write_out(data: bytes) -> None:
+    def _write_out(self, data: bytes) -> None:
         out = sys.stdout
         if out is None:  # started with stdout closed (`>&-`)
             msg = "stdout is closed: there is nothing to write the Singer messages to"
@@ -148,9 +176,26 @@ class BufferedSingerWriter(GenericSingerWriter[bytes, Message]):
                 binary.write(data)
             return
         out.flush()  # anything written through sys.stdout itself goes first
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]  # os.write may write only part
+        if not _is_pipe(fd):  # a file or a terminal: a signal does not cut a write short
+            self._write_all(fd, memoryview(data))
+            return
+        for chunk in _line_chunks(data, select.PIPE_BUF):
+            self._write_all(fd, chunk)
+            if self._held_signal is not None:
+                return  # stop now, at a line boundary: the rest is not sent
+
+    @staticmethod
+    def _write_all(fd: int, view: memoryview) -> None:
+        size = len(view)
+        try:
+            while view:
+                try:
+                    view = view[os.write(fd, view) :]  # os.write may write only part
+                except BlockingIOError:  # a non-blocking stdout that is full: wait for room
+                    select.select([], [fd], [])
+        except SyncInterrupted as exc:
+            exc.cut_line = 0 < len(view) < size
+            raise
 
     def interrupt(self, signum: int) -> None:
         """Stop the sync for a signal; called from the signal handler.

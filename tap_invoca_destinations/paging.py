@@ -12,6 +12,8 @@ from __future__ import annotations
 import bisect
 import collections
 import itertools
+import math
+import queue
 import random
 import threading
 import typing as t
@@ -25,6 +27,7 @@ MAX_STALLED_PAGES = 2  # pages in a row with nothing new that do not move toward
 MAX_IDLE_PAGES = 1000  # pages in a row with nothing new, even while they move toward it
 MAX_STEP_BACKS = 1000  # re-reads after the list shrank under us, per sync
 MAX_RECHECKS = 2  # second looks at start=0 before calling a server's paging broken
+MAX_DOUBTS = 5  # confirming requests of an end that recordsTotal contradicts (a Pager default)
 
 T = t.TypeVar("T")
 
@@ -33,16 +36,28 @@ class PagingError(Exception):
     """Paging cannot go on safely; the message says what the server did."""
 
 
+class UnsettledListError(PagingError):
+    """The list could not be read whole now (it kept changing, or its end stayed doubtful).
+
+    The server's paging is not broken: a later run may well succeed.
+    """
+
+
 class Cancelled(Exception):  # noqa: N818 - it is a state, not a failure of its own
     """A fetch was given up because its result is no longer wanted."""
 
 
 @dataclass(frozen=True)
 class Request:
-    """One list request: ``start`` (offset) and ``limit``."""
+    """One list request: ``start`` (offset) and ``limit``; after a backoff if ``backoff`` > 0.
+
+    ``backoff`` is the attempt number of the wait before sending (as for a retry); it
+    takes no part in equality: the same page asked after a wait is the same page.
+    """
 
     start: int
     limit: int
+    backoff: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -51,6 +66,7 @@ class Step:
 
     emit_from: int
     discard: bool = False  # the pages in flight were planned on a wrong guess: drop them
+    doubt: str = ""  # the end this page suggests is doubtful: why (for the log); confirming
 
 
 def parse_total(value: object) -> int | None:
@@ -113,10 +129,23 @@ class Pager:
       serving one record per page cannot be anchored), the one-record list is
       proven by an empty page at ``start=1`` and the record re-read at 0 (the
       anchor, or the same record twice). Rechecks (``MAX_RECHECKS``) are counted
-      from the last page that brought something new.
+      from the last page that brought something new;
+    - an end must agree with the server's own count: when the ending page's
+      ``recordsTotal`` says the list is longer than that page shows (``start``
+      plus its records), the end is doubtful (a page served short once, an empty
+      list served while the total is not zero). The same offset is asked again
+      with another limit, after a backoff, up to ``max_doubts`` times; a real end
+      stays, a glitch goes. If the contradiction stays, fail naming both numbers.
+      A total below what the page shows is a stale hint and harmless. With
+      ``strict`` (mirror mode, where the target deletes what it did not get), an
+      end that no total corroborates (none, or one below what the pages show, or
+      an empty list) is confirmed once the same way; so is an end whose page has
+      no total while an earlier page's total said more.
     """
 
     page_size: int
+    max_doubts: int = MAX_DOUBTS
+    strict: bool = False  # confirm an end that no total corroborates (mirror mode)
     last_id: int | None = field(default=None, init=False)  # the last id emitted
     first_id: int | None = field(default=None, init=False)  # the list's first, seen at start=0
     longest: int = field(default=0, init=False)  # most records one page has held
@@ -134,7 +163,8 @@ class Pager:
     _idle: int = field(default=0, init=False)
     _stalled: int = field(default=0, init=False)
     _idle_last: int | None = field(default=None, init=False)  # last id of the last idle page
-    _empty_rechecked: bool = field(default=False, init=False)
+    doubts: int = field(default=0, init=False)  # confirming requests of the current end
+    _confirming: bool = field(default=False, init=False)  # a confirming request is in flight
     _step_backs: int = field(default=0, init=False)
 
     @property
@@ -157,6 +187,7 @@ class Pager:
             and self.requests
             and self._probe is None
             and self._set_aside is None  # no guessing while a page is being checked
+            and not self._confirming
             and self.stride >= 2  # noqa: PLR2004 - a page must hold the anchor and one more
             and len(self.in_flight) + len(new) < window
         ):
@@ -178,6 +209,7 @@ class Pager:
             PagingError: If the server's pages cannot be paged safely.
         """
         request = self.in_flight.popleft()
+        self._confirming = False
         if self._probe is None and request == self._set_aside:
             self._set_aside = None  # the page set aside, read again
         start = request.start
@@ -186,7 +218,7 @@ class Pager:
         if hint is not None:
             self.total = hint
         self.longest = max(self.longest, len(ids))
-        step = self._check_or_probe(request, ids)
+        step = self._check_or_probe(request, ids, hint)
         if step is not None:
             return step
         if not self._anchored(start, ids):
@@ -204,16 +236,17 @@ class Pager:
             self._next = Request(start + len(ids) - 1, self.limit)
         return Step(first_new, discard=self._drop_mispredicted())
 
-    def _check_or_probe(self, request: Request, ids: list[int]) -> Step | None:
+    def _check_or_probe(self, request: Request, ids: list[int], hint: int | None) -> Step | None:
         if self._first_id_again(request, ids):
             return self._check_front(request, len(ids))
-        return self._after_probe(ids) if self._probe is not None else None
+        return self._after_probe(ids, hint) if self._probe is not None else None
 
     def _take(self, ids: list[int]) -> int:
         """Record the ids above the anchor as emitted; return the index of the first."""
         first_new = 0 if self.last_id is None else bisect.bisect_right(ids, self.last_id)
         if first_new < len(ids):
             self._idle, self._stalled, self._idle_last, self._rechecks = 0, 0, None, 0
+            self.doubts = 0
             self.last_id = ids[-1]
             self.emitted += len(ids) - first_new
         return first_new
@@ -223,15 +256,54 @@ class Pager:
     ) -> Step | None:
         """The step that ends paging, if this page proves the end (see class docstring)."""
         if not ids and start == 0:
-            if hint and not self._empty_rechecked:
-                # An empty list that the total contradicts: read the first page once more.
-                self._empty_rechecked = True
-                self._next = Request(0, self.page_size)
-                return Step(0, discard=self._drop_mispredicted())
-            return self._finish(0)
+            return self._end_if_undoubted(start, 0, hint, 0)  # an empty list
         if len(ids) == 1 < min(limit, self.longest):
-            return self._finish(first_new)  # the list ends with this (anchored) record
+            # The list ends with this (anchored) record.
+            return self._end_if_undoubted(start, start + 1, hint, first_new)
         return None
+
+    def _end_if_undoubted(self, start: int, shown: int, hint: int | None, first_new: int) -> Step:
+        """Finish, unless the server's total says more than the ``shown`` records remain.
+
+        Raises:
+            PagingError: If the contradiction stays after ``max_doubts`` confirmations.
+        """
+        if hint is not None and hint > shown:
+            doubt = (
+                f"an empty list while its recordsTotal says {hint}"
+                if shown == 0
+                else f"pages that end after {shown} records (the page at start={start} holds "
+                f"the last one alone) while its recordsTotal says {hint}"
+            )
+        elif not self.doubts and hint is None and self.total is not None and self.total > shown:
+            # This page has no total, but an earlier one said more: look once more
+            # (only once: the earlier total may be stale after deletions).
+            doubt = (
+                f"pages that end after {shown} records while an earlier recordsTotal "
+                f"said {self.total}"
+            )
+        elif self.strict and not self.doubts and (hint is None or hint < shown or shown == 0):
+            # Mirror mode: only a total equal to what the pages show corroborates an end.
+            doubt = f"pages that end after {shown} records, and no recordsTotal that agrees"
+        else:
+            return self._finish(first_new)
+        self.doubts += 1
+        if self.doubts > self.max_doubts and hint is not None and hint > shown:
+            again = f", {self.max_doubts} time(s) more when asked again" if self.max_doubts else ""
+            msg = (
+                f"Invoca served {doubt}{again}: the list cannot be proven complete; run the "
+                "sync again later"
+            )
+            raise UnsettledListError(msg)
+        # The same offset with another limit (two, alternately: a cache keyed by URL
+        # cannot hand back one glitch every time), after a backoff: a glitch passes,
+        # an end stays.
+        smaller = start and self.page_size > 1 and self.doubts % 2
+        other_limit = self.page_size if smaller else self.page_size + 2
+        self._next = Request(start, other_limit, backoff=self.doubts)
+        self._confirming = True
+        self.in_flight.clear()
+        return Step(first_new, discard=True, doubt=f"Invoca served {doubt}")
 
     def _first_id_again(self, request: Request, ids: list[int]) -> bool:
         """Note the first id at ``start=0``; True if a page at ``start > 0`` begins with it."""
@@ -279,7 +351,7 @@ class Pager:
                 f"the list kept shrinking under the tap ({MAX_STEP_BACKS} re-reads); "
                 "run the sync again later"
             )
-            raise PagingError(msg)
+            raise UnsettledListError(msg)
         self._next = Request(max(0, start - max(self.stride - 1, 1)), self.limit)
         self.in_flight.clear()
         return Step(received, discard=True)
@@ -310,7 +382,7 @@ class Pager:
             )
             raise PagingError(msg)
 
-    def _after_probe(self, ids: list[int]) -> Step | None:
+    def _after_probe(self, ids: list[int], hint: int | None) -> Step | None:
         if self._probe == "front":
             # Read the page set aside again: a server that ignores 'start' repeats itself.
             self._probe, self.first_id = None, (ids[0] if ids else None)
@@ -328,7 +400,7 @@ class Pager:
             # the anchor, or the same record twice in a row (a record that replaced it).
             # Otherwise a record may have been inserted before the last one: look again.
             if ids[0] in (self.last_id, self._lone):
-                return self._finish(self._take(ids))
+                return self._end_if_undoubted(0, 1, hint, self._take(ids))
             self._lone = ids[0]
             probe = "recheck"
         if probe == "recheck" and len(ids) <= 1:
@@ -361,15 +433,23 @@ class RetryPolicy:
     jitter: Callable[[], float] = random.random  # a number in [0, 1)
 
     def wait(self, attempt: int, waited: float, retry_after: float | None) -> float | None:
-        """Seconds to wait before attempt ``attempt + 1``, or None to give up."""
-        if retry_after is not None:
+        """Seconds to wait before attempt ``attempt + 1``, or None to give up.
+
+        ``Retry-After`` lengthens the backoff, never shortens it: ``0``, a date in
+        the past, or an invalid value (negative, ``nan``, infinite) leaves the
+        usual backoff, so a server cannot turn it off.
+        """
+        seconds = self.backoff(attempt)
+        if retry_after is not None and math.isfinite(retry_after) and retry_after > seconds:
             seconds = min(retry_after, self.max_single_wait)
-        else:
-            seconds = min(self.initial_wait * 2 ** (attempt - 1), self.max_single_wait)
-            seconds *= 0.5 + 0.5 * self.jitter()
         if attempt >= self.max_tries or waited + seconds > self.budget_seconds:
             return None
         return seconds
+
+    def backoff(self, attempt: int) -> float:
+        """The jittered exponential wait after attempt ``attempt`` (no bounds applied)."""
+        seconds = min(self.initial_wait * 2 ** (attempt - 1), self.max_single_wait)
+        return seconds * (0.5 + 0.5 * self.jitter())
 
     def give_up_message(self, attempt: int, waited: float, failure: str) -> str:
         """The one-line error once retries are exhausted."""
@@ -377,6 +457,53 @@ class RetryPolicy:
             f"gave up after {attempt} attempt(s) and {waited:.1f} s of waiting "
             f"(max_tries={self.max_tries}, max_retry_seconds={self.budget_seconds:g}): {failure}"
         )
+
+
+class DaemonPool:
+    """Reusable daemon threads for fetches and requests.
+
+    Starting a thread costs ~0.15 ms of CPU here (the new thread must get the GIL
+    to say it started), and a page took two: a fetch and its request. A task runs
+    on an idle thread, or on a new one if none is idle, so a request stuck past
+    its deadline never holds up others. Threads are daemons (a fatal error or a
+    signal ends the process at once) and end after ``IDLE_SECONDS`` without work.
+    """
+
+    IDLE_SECONDS = 5.0
+
+    def __init__(self, name: str) -> None:
+        """Name the threads; none is started before the first task."""
+        self._name = name
+        self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def run(self, task: Callable[[], None]) -> None:
+        """Run ``task`` now on a thread of the pool (it must not raise)."""
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                self._tasks.put(task)
+                return
+        threading.Thread(target=self._work, args=(task,), name=self._name, daemon=True).start()
+
+    def _work(self, task: Callable[[], None]) -> None:
+        while True:
+            task()
+            with self._lock:
+                self._idle += 1
+            try:
+                task = self._tasks.get(timeout=self.IDLE_SECONDS)
+            except queue.Empty:
+                with self._lock:  # a task put as the wait ended is still ours
+                    try:
+                        task = self._tasks.get_nowait()
+                    except queue.Empty:
+                        self._idle -= 1
+                        return
+
+
+WORKERS = DaemonPool("invoca-worker")
 
 
 class PrefetchWindow(t.Generic[T]):
@@ -413,7 +540,7 @@ class PrefetchWindow(t.Generic[T]):
                 future.set_exception(exc)
 
         self._slots.append((request, future, cancel))
-        threading.Thread(target=run, name=f"invoca-page-{request.start}", daemon=True).start()
+        WORKERS.run(run)
 
     def pop(self) -> tuple[Request, T]:
         """Wait for the oldest fetch and return it (its exception is raised here)."""
@@ -432,3 +559,59 @@ class PrefetchWindow(t.Generic[T]):
                 return None
             self.size = max(1, self.size // 2)
             return self.size
+
+
+class AdaptiveWindow:
+    """How many pages to keep in flight: grows while pages come back promptly, halves on trouble.
+
+    - It starts at ``start`` and never leaves ``1..ceiling``.
+    - A page that came back without trouble in at most ``PROMPT_FACTOR`` times the
+      quickest response seen so far is prompt: each prompt page widens the window
+      by one (so it can double in a round trip), up to the ceiling and below any
+      size that met trouble before.
+    - Trouble (429, 5xx, a timeout) halves it, and the size that met trouble, less
+      one, becomes a cap for the rest of the run, so a server that throttles above
+      N requests in flight settles the window at or below N after a few 429s.
+      Trouble reported for requests sent before the last cut is not counted
+      again: the pages of one crowded moment halve the window once, not once each.
+
+    Thread-safe; no I/O. ``sent`` returns a ticket for ``prompt``/``trouble``.
+    """
+
+    PROMPT_FACTOR = 2.0
+
+    def __init__(self, start: int, ceiling: int) -> None:
+        """Start at ``start`` pages in flight, never more than ``ceiling``."""
+        self.ceiling = max(ceiling, 1)
+        self.size = min(max(start, 1), self.ceiling)
+        self.cap = self.ceiling  # lowered by trouble
+        self.quickest: float | None = None
+        self.cuts = 0  # how many times trouble halved the window
+        self._lock = threading.Lock()
+
+    def sent(self) -> int:
+        """Note a request being sent; return its ticket."""
+        return self.cuts
+
+    def prompt(self, ticket: int, seconds: float) -> int | None:  # noqa: ARG002 - symmetry with trouble
+        """A page came back in ``seconds`` without trouble; return the new size if it grew."""
+        with self._lock:
+            if self.quickest is None or seconds < self.quickest:
+                self.quickest = seconds
+            if seconds > self.PROMPT_FACTOR * self.quickest or self.size >= self.cap:
+                return None
+            self.size += 1
+            return self.size
+
+    def trouble(self, ticket: int) -> int | None:
+        """A 429, 5xx or timeout for the request of ``ticket``; return the new size if it fell."""
+        with self._lock:
+            if ticket != self.cuts:
+                return None  # sent before the last cut: that crowd was already answered
+            self.cuts += 1
+            self.cap = max(1, min(self.cap, self.size - 1))
+            new = max(1, self.size // 2)
+            if new == self.size:
+                return None
+            self.size = new
+            return new

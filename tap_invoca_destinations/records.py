@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import threading
 import typing as t
+from types import SimpleNamespace
+
+import msgspec
 
 STRING, INTEGER, BOOLEAN, TIMESTAMP = "string", "integer", "boolean", "timestamp"
 
@@ -63,16 +67,20 @@ _MEMBER_SETS = {obj: frozenset(members) for obj, members in SUB_OBJECTS.items()}
 _NOTHING: frozenset[str] = frozenset()
 
 _OFFSET_FORM = re.compile(r"[+-](?:[01]\d|2[0-3])[0-5]\d\Z")  # -0700; hours 00-23, minutes 00-59
-# Forms accepted besides Invoca's own: ISO 8601 / RFC 3339 dates and date-times.
+# Forms accepted besides Invoca's own: ISO 8601 calendar dates and date-times, in
+# the extended (2024-01-01T00:00:00Z, RFC 3339) and the basic (20240101T000000Z)
+# notation; ASCII digits only.
+_ISO_OFFSET = r"(?:[Zz]|[+-](?:[01][0-9]|2[0-3])(?::?[0-5][0-9])?)?"
 _ISO_FORM = re.compile(
-    r"\d{4}-\d{2}-\d{2}"
-    r"(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?"
-    r"(?:[Zz]|[+-](?:[01]\d|2[0-3]):?[0-5]\d)?)?\Z"
+    r"(?:[0-9]{4}-[0-9]{2}-[0-9]{2}"
+    r"(?:[T ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:[.,][0-9]{1,9})?)?" + _ISO_OFFSET + r")?"
+    r"|[0-9]{8}(?:T[0-9]{4}(?:[0-9]{2}(?:[.,][0-9]{1,9})?)?" + _ISO_OFFSET + r")?)\Z"
 )
 _OFFSETS: dict[str, dt.timedelta] = {}  # "-0700" -> timedelta, filled as seen
 _TRUE = frozenset({"true", "t", "1", "yes"})
 _FALSE = frozenset({"false", "f", "0", "no"})
-_INTEGER_STRING = re.compile(r"[+-]?\d+\Z")
+_INTEGER_STRING = re.compile(r"[+-]?[0-9]+\Z")  # ASCII: int() and \d take any script's digits
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what a warehouse's bigint holds
 
 
 class RecordShapeError(ValueError):
@@ -112,10 +120,13 @@ def _utc_offset(text: str) -> dt.timedelta:
 def parse_instant(value: str) -> dt.datetime:
     """Parse a timestamp strictly into an aware UTC datetime.
 
-    Accepted: Invoca's form (``2023-10-19 03:49:21 -0700``) and ISO 8601 /
-    RFC 3339 dates and date-times (``2023-10-19``, ``2023-10-19T10:49:21Z``,
-    ``…+05:30``); a value without an offset is taken as UTC. Anything else,
-    including offsets of 24 hours or more, is refused.
+    Accepted: Invoca's form (``2023-10-19 03:49:21 -0700``) and ISO 8601
+    calendar dates and date-times in the extended (RFC 3339: ``2023-10-19``,
+    ``2023-10-19T10:49:21Z``, ``…+05:30``, ``…+05``) or the basic notation
+    (``20231019``, ``20231019T104921Z``, ``20231019T1049+0530``), with an
+    optional fraction of a second; a value without an offset is taken as UTC.
+    Anything else (week or ordinal dates, non-ASCII digits, offsets of 24 hours
+    or more) is refused.
 
     Args:
         value: The text to parse.
@@ -182,7 +193,7 @@ def to_rfc3339_utc(value: str) -> str:
     return parse_instant(value).isoformat()
 
 
-def _coerce(value: object, kind: str, record_id: object, column: str) -> object:  # noqa: C901, PLR0911, PLR0912
+def _coerce(value: object, kind: str, record_id: object, column: str) -> object:  # noqa: C901, PLR0911
     """Coerce a non-null value that is not already of its column's Python type."""
     if kind == STRING:
         if isinstance(value, str):
@@ -190,12 +201,9 @@ def _coerce(value: object, kind: str, record_id: object, column: str) -> object:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
     elif kind == INTEGER:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str) and _INTEGER_STRING.match(value.strip()):
-            return int(value)
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
+        number = as_int64(value)
+        if number is not None:
+            return number
     elif kind == BOOLEAN:
         if isinstance(value, bool):
             return value
@@ -208,6 +216,22 @@ def _coerce(value: object, kind: str, record_id: object, column: str) -> object:
         if isinstance(value, int) and value in {0, 1}:
             return bool(value)
     raise RecordShapeError(record_id, column, value, kind)
+
+
+def as_int64(value: object) -> int | None:
+    """Return an integer value, an integral float or an ASCII digit string as an int.
+
+    None if it is none of those, or does not fit a signed 64-bit integer (a bigint).
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        if not _INTEGER_STRING.match(value.strip()):
+            return None
+    elif not isinstance(value, int) and not (isinstance(value, float) and value.is_integer()):
+        return None
+    number = int(value)
+    return number if INT64_MIN <= number <= INT64_MAX else None
 
 
 def _to_timestamp(value: object, record_id: object, column: str) -> str:
@@ -225,8 +249,9 @@ def _converter(kind: str) -> t.Callable[[object, object, str], object]:
     return lambda value, record_id, column: _coerce(value, kind, record_id, column)
 
 
-# The Python type a value already has when it needs no conversion (never, for timestamps).
-_NATIVE: dict[str, type] = {STRING: str, INTEGER: int, BOOLEAN: bool, TIMESTAMP: type(None)}
+# The Python type a value already has when it needs no conversion (never, for
+# timestamps; for integers, only once its range is checked).
+_NATIVE: dict[str, type] = {STRING: str, INTEGER: type(None), BOOLEAN: bool, TIMESTAMP: type(None)}
 
 # Precomputed (source member, column, native type, converter) per column, so that
 # shaping does no string or dispatch work per record.
@@ -265,7 +290,11 @@ def shape_record(raw: dict[str, t.Any], network_id: str) -> dict[str, t.Any]:
     if record_id is None:
         raise RecordShapeError(record_id, "id", None, INTEGER)
     out: dict[str, t.Any] = {
-        "id": record_id if type(record_id) is int else _coerce(record_id, INTEGER, record_id, "id"),
+        "id": (
+            record_id
+            if type(record_id) is int and INT64_MIN <= record_id <= INT64_MAX
+            else _coerce(record_id, INTEGER, record_id, "id")
+        ),
         "network_id": network_id,
     }
     get = raw.get
@@ -308,3 +337,154 @@ def unknown_fields(raw: dict[str, t.Any]) -> frozenset[str]:
         if isinstance(sub, dict) and not sub.keys() <= members:
             found.extend(f"{obj}.{member}" for member in sub.keys() - members)
     return frozenset(found) if found else _NOTHING
+
+
+# --- the typed fast path -----------------------------------------------------
+#
+# A page is decoded straight into structs whose members are typed with the forms
+# Invoca sends (a string, or a number or boolean that may come as a string). The
+# decode itself is the check: an unknown field (the structs forbid them) or any
+# other form fails it, and that page goes through the dict path above instead
+# (``shape_record`` and ``unknown_fields``), which decides exactly as before. Once
+# unknown names are reported, ``PageDecoder.tolerate`` adds them to the structs,
+# so drift is looked for once per distinct name, not per record.
+
+_WIRE_TYPES: dict[str, t.Any] = {
+    STRING: str | None,
+    INTEGER: int | str | None,
+    BOOLEAN: bool | int | str | None,
+    TIMESTAMP: str | None,
+}
+MAX_TOLERATED = 200  # unknown names the structs learn; past that, pages take the dict path
+
+
+def _wire_struct(name: str, members: dict[str, t.Any], extras: frozenset[str]) -> type:
+    # Extras get neutral attribute names (an unknown JSON name may be no identifier).
+    fields: list[tuple[str, t.Any, None]] = [(m, kind, None) for m, kind in members.items()]
+    rename = {f"extra{i}": extra for i, extra in enumerate(sorted(extras))}
+    fields += [(attr, t.Any, None) for attr in rename]
+    return msgspec.defstruct(name, fields, forbid_unknown_fields=True, rename=rename)
+
+
+class PageDecoder:
+    """Decodes list bodies into typed raw destinations (see above); thread-safe."""
+
+    def __init__(self) -> None:
+        """Start with the known fields only."""
+        self._lock = threading.Lock()
+        self._extras: dict[str, frozenset[str]] = {"": _NOTHING} | dict.fromkeys(
+            SUB_OBJECTS, _NOTHING
+        )
+        self.decoder = self._build()
+        self.active = True  # False once too many unknown names were seen
+
+    def _build(self) -> msgspec.json.Decoder[t.Any]:
+        subs = {
+            obj: _wire_struct(
+                obj, {m: _WIRE_TYPES[k] for m, k in members.items()}, self._extras[obj]
+            )
+            for obj, members in SUB_OBJECTS.items()
+        }
+        top = {name: _WIRE_TYPES[kind] for name, kind in TOP_LEVEL.items()}
+        top |= {obj: struct | None for obj, struct in subs.items()}
+        record = _wire_struct("RawDestination", top, self._extras[""])
+        envelope = msgspec.defstruct(
+            "Envelope",
+            [
+                ("data", list[record]),  # type: ignore[valid-type]
+                ("recordsTotal", t.Any, None),
+                ("errors", t.Any, None),
+                ("error", t.Any, None),
+            ],
+        )
+        return msgspec.json.Decoder(envelope)
+
+    def tolerate(self, names: t.Iterable[str]) -> None:
+        """Let the structs accept these reported unknown names (``obj.member`` or ``field``)."""
+        with self._lock:
+            extras = dict(self._extras)
+            for name in names:
+                obj, _, member = name.rpartition(".")
+                if obj in extras and member:
+                    extras[obj] = extras[obj] | {member}
+            if extras == self._extras:
+                return
+            if sum(map(len, extras.values())) > MAX_TOLERATED:
+                self.active = False  # every page would be decoded twice: dicts only
+                return
+            self._extras = extras
+            self.decoder = self._build()
+
+
+def _timestamp(value: str, record_id: object, column: str) -> str:
+    """``_to_timestamp``, quicker for Invoca's own form; ``+0000`` is converted by slicing."""
+    # value[4:20:3] holds the separators at 4, 7, 10, 13, 16 and 19; the dashes rule
+    # out ISO week dates, which fromisoformat also reads.
+    if len(value) == 25 and value[4:20:3] == "-- :: ":  # noqa: PLR2004 - the form's length
+        try:
+            local = dt.datetime.fromisoformat(value[:19])  # checks the date and the time
+        except ValueError:
+            raise RecordShapeError(record_id, column, value, "a date-time") from None
+        offset = value[20:]
+        if offset == "+0000":
+            return f"{value[:10]}T{value[11:19]}+00:00"
+        shift = _OFFSETS.get(offset)  # filled by _utc_offset on an offset's first use
+        if shift is not None:
+            try:
+                return (local - shift).isoformat() + "+00:00"
+            except OverflowError:
+                pass  # _to_timestamp says why
+    return _to_timestamp(value, record_id, column)
+
+
+def _shaper_source() -> str:
+    """The source of ``shape_typed``: one dict display, generated from ``COLUMNS``.
+
+    Generated rather than written out so that the column list lives in one place;
+    straight-line code is what makes the typed path cheap.
+    """
+    lines = [
+        "def shape_typed(raw, network_id):",
+        "    record_id = raw.id",
+        *(f"    {obj} = raw.{obj} or EMPTY_{obj}" for obj in SUB_OBJECTS),
+        "    return {",
+        '        "id": record_id,',
+        '        "network_id": network_id,',
+    ]
+    members = [(name, f"raw.{name}", kind) for name, kind in TOP_LEVEL.items() if name != "id"]
+    members += [
+        (f"{obj}_{member}", f"{obj}.{member}", kind)
+        for obj, plan in SUB_OBJECTS.items()
+        for member, kind in plan.items()
+    ]
+    for column, source, kind in members:
+        if kind == STRING:  # typed str | None: nothing to do
+            value = source
+        elif kind == TIMESTAMP:
+            value = f"None if (v := {source}) is None else timestamp(v, record_id, {column!r})"
+        else:
+            fits = "type(v) is bool" if kind == BOOLEAN else "type(v) is int and MIN <= v <= MAX"
+            value = (
+                f"v if (v := {source}) is None or {fits} "
+                f"else coerce(v, {kind!r}, record_id, {column!r})"
+            )
+        lines.append(f"        {column!r}: {value},")
+    lines.append("    }")
+    return "\n".join(lines) + "\n"
+
+
+def _compile_shaper() -> t.Callable[[t.Any, str], dict[str, t.Any]]:
+    namespace: dict[str, t.Any] = {
+        "timestamp": _timestamp,
+        "coerce": _coerce,
+        "MIN": INT64_MIN,
+        "MAX": INT64_MAX,
+        **{f"EMPTY_{obj}": SimpleNamespace(**dict.fromkeys(m)) for obj, m in SUB_OBJECTS.items()},
+    }
+    exec(compile(_shaper_source(), "<records.shape_typed>", "exec"), namespace)  # noqa: S102
+    shaper: t.Callable[[t.Any, str], dict[str, t.Any]] = namespace["shape_typed"]
+    shaper.__doc__ = "``shape_record`` for a record of a typed page (its id already checked)."
+    return shaper
+
+
+shape_typed = _compile_shaper()

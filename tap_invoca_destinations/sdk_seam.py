@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import math
 import os
+import re
+import signal
 import sys
+import threading
 import typing as t
+from pathlib import Path
 
+from dotenv import dotenv_values
 from singer_sdk import Tap
-from singer_sdk.configuration._dict_config import parse_environment_config
 from singer_sdk.exceptions import ConfigValidationError
 from singer_sdk.helpers._classproperty import classproperty
 from singer_sdk.mapper import SameRecordTransform
@@ -31,7 +37,6 @@ else:  # pragma: no cover
     from typing_extensions import override
 
 if t.TYPE_CHECKING:
-    import logging
     from types import FrameType
 
     from singer_sdk.helpers._batch import BatchConfig
@@ -40,31 +45,82 @@ if t.TYPE_CHECKING:
 SDK_VERSION_CHECKED = "0.54.9"
 
 
-_BOOLEANS = frozenset({"true", "false", "1", "0", "yes", "no", "on", "off"})
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+_INTEGER = re.compile(r"[+-]?[0-9]+\Z")
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z")
 
 
-def env_value_errors(schema: dict[str, t.Any], prefix: str) -> list[str]:
-    """Name each ``<PREFIX><SETTING>`` variable whose value its setting's type refuses."""
+def _typed_env_value(kinds: set[str], value: str) -> tuple[t.Any, str | None]:  # noqa: PLR0911
+    """Return the setting's value, or ``(None, what was expected)``."""
+    text = value.strip()
+    if "string" in kinds or not kinds & {"integer", "number", "boolean", "object", "array"}:
+        return value, None
+    if "integer" in kinds:
+        return (int(text), None) if _INTEGER.match(text) else (None, "an integer")
+    if "number" in kinds:
+        if not _NUMBER.match(text) or not math.isfinite(float(text)):
+            return None, "a number"
+        number = float(text)
+        return int(number) if number.is_integer() and abs(number) < 2**53 else number, None
+    if "boolean" in kinds:
+        lowered = text.lower()
+        return (lowered in _TRUE, None) if lowered in _TRUE | _FALSE else (None, "true or false")
+    try:
+        return json.loads(value), None
+    except ValueError:
+        return None, f"JSON (an {'/'.join(sorted(kinds - {'null'}))})"
+
+
+def environment_config(
+    schema: dict[str, t.Any], prefix: str, cwd: Path | None = None
+) -> tuple[dict[str, t.Any], list[str]]:
+    """Read ``<PREFIX><SETTING>`` variables as typed settings, and name each bad one.
+
+    The variables come from the environment and, for those it lacks, from a
+    ``.env`` file in the working directory (the shell wins over the file).
+    """
+    dotenv = (cwd or Path.cwd()) / ".env"
+    environ = {
+        **(dotenv_values(dotenv) if dotenv.is_file() else {}),
+        **os.environ,
+    }
+    config: dict[str, t.Any] = {}
     errors = []
     for key, prop in schema["properties"].items():
         name = f"{prefix}{key.upper()}"
-        value = os.environ.get(name)
+        value = environ.get(name)
         if value is None:
             continue
         types = prop.get("type", [])
-        kinds = {types} if isinstance(types, str) else set(types)
-        if "integer" in kinds and "string" not in kinds:
-            if not value.strip().lstrip("-").isdigit():
-                errors.append(f"{name} must be an integer")
-        elif "boolean" in kinds:
-            if value.strip().lower() not in _BOOLEANS:
-                errors.append(f"{name} must be true or false")
-        elif kinds & {"object", "array"}:
-            try:
-                json.loads(value)
-            except ValueError:
-                errors.append(f"{name} must be JSON ({key} is an {'/'.join(sorted(kinds))})")
-    return errors
+        typed, expected = _typed_env_value({types} if isinstance(types, str) else set(types), value)
+        if expected is None:
+            config[key] = typed
+        else:
+            errors.append(f"{name} must be {expected}")
+    return config, errors
+
+
+# SDK log lines that ask nothing of a user here: the bookmark of the unsorted
+# stream is handed over once, complete; env settings are read with --config ENV.
+_SDK_NOISE = (
+    "Stream is assumed to be unsorted",
+    "Skipping parse of env var settings",
+    "Parsing env var for settings config",
+)
+
+
+def _drop_sdk_noise(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_SDK_NOISE)
+
+
+def setup_console_logging(plugin_name: str) -> None:
+    """Log to stderr as the SDK's CLI does (its format; LOGLEVEL), for another front end."""
+    # Imported here: a rename in a new SDK must not break the Singer tap's import.
+    from singer_sdk._logging import _setup_console_logging  # noqa: PLC0415
+    from singer_sdk.plugin_base import _plugin_log_level  # noqa: PLC0415
+
+    _setup_console_logging(log_level=_plugin_log_level(plugin_name=plugin_name))
 
 
 class SeamTap(Tap):
@@ -72,18 +128,19 @@ class SeamTap(Tap):
 
     message_writer_class = BufferedSingerWriter
 
+    def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
+        """Create the tap, without the SDK's log lines that need no action."""
+        for logger in (logging.getLogger("singer_sdk"), self.logger):
+            if _drop_sdk_noise not in logger.filters:
+                logger.addFilter(_drop_sdk_noise)
+        super().__init__(*args, **kwargs)
+
     @classproperty
     def _env_var_config(cls) -> dict[str, t.Any]:  # noqa: N805
-        # The SDK parses integers with a bare int() (a traceback), JSON objects
-        # likewise, and takes any boolean it does not know ("maybe") as false:
-        # name each bad variable instead.
-        schema = cls.settings_schema()
-        prefix = cls._env_var_prefix
-        try:
-            config = parse_environment_config(schema, prefix)  # also loads .env
-        except ValueError:
-            config = {}
-        errors = env_value_errors(schema, prefix)
+        # The SDK parses integers with a bare int() (a traceback), leaves numbers
+        # as strings, takes any boolean it does not know ("maybe") as false, and
+        # lets a .env found above its own package override the shell.
+        config, errors = environment_config(cls.settings_schema(), cls._env_var_prefix)
         if errors:
             msg = "Config validation failed"
             raise ConfigValidationError(msg, errors=errors)
@@ -100,7 +157,17 @@ class SeamTap(Tap):
             raise ConfigValidationError(msg, errors=errors)
         for error in errors:
             self.logger.warning("Config: %s", error)
+        for warning in self.config_warnings(self._config):
+            self.logger.warning("Config: %s", warning)
         return errors
+
+    @override
+    def _setup_signal_handlers(self) -> None:
+        # The SDK handles SIGINT and SIGTERM; a closed terminal or session (SIGHUP)
+        # would otherwise end the tap with no word and maybe half a line on stdout.
+        super()._setup_signal_handlers()
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, self._handle_termination)
 
     @override
     def _handle_termination(self, signum: int, frame: FrameType | None) -> None:
@@ -119,6 +186,10 @@ class SeamTap(Tap):
 
     def config_errors(self, config: dict[str, t.Any]) -> list[str]:  # noqa: ARG002
         """Return one message per bad setting, naming the key (a hook for the tap)."""
+        return []
+
+    def config_warnings(self, config: dict[str, t.Any]) -> list[str]:  # noqa: ARG002
+        """Return one message per doubtful but usable setting (a hook for the tap)."""
         return []
 
 
@@ -144,6 +215,7 @@ class SeamStream(RESTStream[int]):
         self._direct_write: bool | None = None
         self._deferred_version: int | None = None
         self.time_extracted = ""  # RFC 3339; set by the stream per page
+        self.committed_bookmark: str | None = None  # what commit_bookmark handed over
 
     @property
     def plugin_version(self) -> str:
@@ -206,9 +278,26 @@ class SeamStream(RESTStream[int]):
     def observe_replication_value(self, value: t.Any) -> None:  # noqa: ANN401
         """Note one emitted record's replication key value (a hook for the stream)."""
 
+    def records_for_another_front_end(self) -> t.Iterator[dict[str, t.Any]]:
+        """The stream's records, with its bookmark kept as the SDK's sync keeps it.
+
+        For a front end other than the SDK's sync (the Airbyte source): Stream.sync
+        first loads the state's bookmark (a private step), then notes each record's
+        replication value; this does both around ``get_records``.
+        """
+        self._write_starting_replication_value(None)
+        key = t.cast("str", self.replication_key)
+        incremental = self.replication_method == "INCREMENTAL"
+        observe = self.observe_replication_value
+        for record in self.get_records(None):
+            if incremental:
+                observe(record[key])
+            yield record
+
     def commit_bookmark(self, value: str) -> None:
         """Hand the sync's bookmark to the SDK's state machinery, once per sync."""
         key = t.cast("str", self.replication_key)
+        self.committed_bookmark = value
         super()._increment_stream_state({key: value}, context=self.context)
 
     # --- mirror mode: ACTIVATE_VERSION only after a complete read ------------

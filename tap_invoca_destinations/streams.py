@@ -9,15 +9,22 @@ import typing as t
 from singer_sdk import typing as th
 from singer_sdk.helpers.conform import TypeConformanceLevel
 
-from tap_invoca_destinations.client import DEFAULT_API_VERSION, InvocaError, InvocaStream
+from tap_invoca_destinations.client import (
+    DEFAULT_API_VERSION,
+    InvocaConfigError,
+    InvocaError,
+    InvocaStream,
+)
 from tap_invoca_destinations.records import (
     BOOLEAN,
     COLUMNS,
     INTEGER,
     TIMESTAMP,
+    PageDecoder,
     RecordShapeError,
     parse_instant,
     shape_record,
+    shape_typed,
     unknown_fields,
 )
 
@@ -30,6 +37,7 @@ if t.TYPE_CHECKING:
     from collections.abc import Iterator
 
     from singer_sdk.helpers.types import Context
+    from singer_sdk.singerlib import Catalog
 
 
 BOOKMARK_MARGIN = dt.timedelta(seconds=5)  # clock and rounding slack below the sync's start
@@ -42,13 +50,17 @@ _SCHEMA_TYPES: dict[str, type[th.JSONTypeHelper[t.Any]]] = {
 }
 
 
+KEY_COLUMNS = ("network_id", "id")
+
+
 def _schema() -> dict[str, t.Any]:
     properties = [
-        th.Property(name, _SCHEMA_TYPES.get(kind, th.StringType), required=name == "id")
+        th.Property(name, _SCHEMA_TYPES.get(kind, th.StringType), required=name in KEY_COLUMNS)
         for name, kind in COLUMNS.items()
     ]
     schema = th.PropertiesList(*properties).to_dict()
-    schema["properties"]["id"]["type"] = ["integer"]
+    for name in KEY_COLUMNS:  # the key is never null
+        schema["properties"][name]["type"] = [COLUMNS[name]]
     schema["additionalProperties"] = False
     return schema
 
@@ -59,7 +71,7 @@ class DestinationsStream(InvocaStream):
     name = "destinations"
     # Ids are not documented to be unique across networks; several networks may
     # load into one table.
-    primary_keys = ("network_id", "id")
+    primary_keys = KEY_COLUMNS
     replication_key = "updated_at"
     # Records come in id order, not updated_at order: the bookmark is handed to
     # the SDK once, when the whole list was read (never ahead of unseen records).
@@ -77,6 +89,20 @@ class DestinationsStream(InvocaStream):
         self._newest_updated_at: str | None = None
         self._sync_started_at = dt.datetime.now(dt.UTC)
         self._starting_bookmark: str | None = None  # the state's, normalised to UTC
+        self.page_decoder = PageDecoder()
+
+    @override
+    def apply_catalog(self, catalog: Catalog) -> None:
+        # Bookmarks are kept only on updated_at; any other key would fail after the
+        # records were sent, or bookmark the wrong column.
+        super().apply_catalog(catalog)
+        if self.replication_key not in {None, "updated_at"}:
+            msg = (
+                f"catalog: stream '{self.name}' can only use replication-key 'updated_at', "
+                f"not {self.replication_key!r}; fix the catalog's metadata (or use FULL_TABLE "
+                "without a replication key)"
+            )
+            raise InvocaError(msg)
 
     @property
     @override
@@ -107,12 +133,12 @@ class DestinationsStream(InvocaStream):
         since = self._starting_updated_at(context)
         for raw_records in self.iter_pages():
             self.time_extracted = dt.datetime.now(dt.UTC).isoformat()
+            # A typed page was decoded strictly: it has no field we do not know (records.py).
+            typed = bool(raw_records) and not isinstance(raw_records[0], dict)
+            shape = shape_typed if typed else self._shape_and_report_drift
             for raw in raw_records:
-                drift = unknown_fields(raw)
-                if drift and not drift <= self.unknown_fields_seen:
-                    self._report_drift(drift)
                 try:
-                    record = shape_record(raw, network_id)
+                    record = shape(raw, network_id)
                 except RecordShapeError as exc:
                     raise InvocaError(str(exc)) from exc
                 if only_tracked and record["dynamic_number_pool_id"] is None:
@@ -127,6 +153,12 @@ class DestinationsStream(InvocaStream):
                 "Invoca sent %d more unknown field name(s) not listed above",
                 len(self._unlisted_drift),
             )
+
+    def _shape_and_report_drift(self, raw: dict[str, t.Any], network_id: str) -> dict[str, t.Any]:
+        drift = unknown_fields(raw)
+        if drift and not drift <= self.unknown_fields_seen:
+            self._report_drift(drift)
+        return shape_record(raw, network_id)
 
     @override
     def observe_replication_value(self, value: t.Any) -> None:
@@ -184,7 +216,7 @@ class DestinationsStream(InvocaStream):
                 f"state: the bookmark of stream '{self.name}' (replication_key_value) is not "
                 f"a timestamp string: {bookmark!r}"
             )
-            raise InvocaError(msg)
+            raise InvocaConfigError(msg)
         self._starting_bookmark = _utc_text(moment)
         if moment > self._sync_started_at:
             self.logger.warning(
@@ -201,6 +233,8 @@ class DestinationsStream(InvocaStream):
     def _report_drift(self, names: frozenset[str]) -> None:
         new = sorted(names - self.unknown_fields_seen)
         self.unknown_fields_seen.update(new)
+        if self.page_decoder is not None:
+            self.page_decoder.tolerate(new)  # reported: later pages may carry them
         room = MAX_DRIFT_NAMES_LISTED - (len(self.unknown_fields_seen) - len(new))
         listed, unlisted = new[: max(room, 0)], new[max(room, 0) :]
         self._unlisted_drift.update(unlisted)

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import difflib
 import gc
 import io
 import json
 import logging
+import math
 import os
+import re
 import signal
 import sys
 import typing as t
-from urllib.parse import quote, quote_plus, urlparse
+from decimal import Decimal
+from urllib.parse import urlparse
 
 from jsonschema import Draft7Validator
 from singer_sdk import typing as th
@@ -23,6 +27,7 @@ from tap_invoca_destinations.client import (
     DEFAULT_BASE_URL,
     InvocaError,
     is_loopback,
+    secret_forms,
 )
 from tap_invoca_destinations.output import OutputClosed, SyncInterrupted
 from tap_invoca_destinations.records import parse_instant
@@ -40,6 +45,17 @@ if t.TYPE_CHECKING:
 
 STATUSES = ["ignored", "tracked", "discovered"]
 SECRET_KEYS = frozenset({"api_token"})
+# String settings are stripped before validation, so `$` cannot match before a
+# final newline; [0-9], not \d, which takes any script's digits.
+DIGITS = r"^[0-9]+$"
+API_VERSION = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
+# About 1 KB a destination: 1000 make a 1 MB page, already more than a gateway or
+# proxy in front of an API is sure to serve in time, for no gain in requests saved.
+MAX_PAGE_SIZE = 1000
+PLACEHOLDER = "REPLACE_WITH_"  # sample_config.json's placeholder values start so
+SHORT_SECRET = 8  # below this many characters a secret is redacted as a whole word only
+_INTEGER_TEXT = re.compile(r"[+-]?[0-9]+\Z")
+_NUMBER_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z")
 
 
 class RedactSecret(logging.Filter):
@@ -54,12 +70,18 @@ class RedactSecret(logging.Filter):
         """Redact ``secret`` and its quoted, escaped and URL-encoded forms."""
         super().__init__()
         self.secret = secret
-        forms = {secret, repr(secret)[1:-1], json.dumps(secret)[1:-1]}
-        forms |= {quote(secret, safe=""), quote_plus(secret)}
-        self.forms = sorted((f for f in forms if f), key=len, reverse=True)
+        self.forms = secret_forms(secret)
+        # A short secret ("x") also occurs inside ordinary words: replace it only
+        # where it stands alone, or every log line would be mangled.
+        self.word: re.Pattern[str] | None = None
+        if len(secret) < SHORT_SECRET:
+            alternatives = "|".join(re.escape(form) for form in self.forms)
+            self.word = re.compile(rf"(?<![A-Za-z0-9])(?:{alternatives})(?![A-Za-z0-9])")
 
     def redact(self, text: str) -> str:
         """Return ``text`` with every form of the secret replaced."""
+        if self.word is not None:
+            return self.word.sub("<redacted>", text)
         for form in self.forms:
             if form in text:
                 text = text.replace(form, "<redacted>")
@@ -102,7 +124,7 @@ class TapInvocaDestinations(SeamTap):
         ),
         th.Property(
             "network_id",
-            th.StringType(nullable=False, pattern=r"^[0-9]+$"),
+            th.StringType(nullable=False, pattern=DIGITS),
             required=True,
             title="Network ID",
             description="The Invoca network's numeric id, as a string of digits "
@@ -119,7 +141,7 @@ class TapInvocaDestinations(SeamTap):
         ),
         th.Property(
             "api_version",
-            th.StringType(pattern=r"^\d{4}-\d{2}-\d{2}$"),
+            th.StringType(pattern=API_VERSION),
             default=DEFAULT_API_VERSION,
             title="API version",
             description="The dated network API version in the path.",
@@ -149,11 +171,11 @@ class TapInvocaDestinations(SeamTap):
         ),
         th.Property(
             "page_size",
-            th.IntegerType(minimum=1),
+            th.IntegerType(minimum=1, maximum=MAX_PAGE_SIZE),
             default=100,
             title="Page size",
-            description="New records asked for per request (`limit`). Requests after "
-            "the first ask for one more, to re-read the previous page's last record.",
+            description="New records asked for per request (`limit`), 1 to 1000. Requests "
+            "after the first ask for one more, to re-read the previous page's last record.",
         ),
         th.Property(
             "start_date",
@@ -165,43 +187,47 @@ class TapInvocaDestinations(SeamTap):
         th.Property(
             "max_concurrency",
             th.IntegerType(minimum=1, maximum=16),
-            default=4,
+            default=8,
             title="Max concurrency",
-            description="Page requests in flight at once (1 turns prefetching off). "
-            "Halved for the rest of the run whenever Invoca answers 429.",
+            description="Ceiling on page requests in flight (1 turns prefetching off). The "
+            "window starts at 4 (or this, if lower), widens while pages come back promptly, "
+            "halves on 429, 5xx or a timeout and then stays below the size that met trouble. "
+            "8 by default: Invoca does not document its rate limits, so the tap asks for no "
+            "more than a browser's handful of connections per host, and backs off on its own.",
         ),
         th.Property(
             "request_timeout",
-            th.NumberType(exclusive_minimum=0),
+            th.NumberType(exclusive_minimum=0, maximum=3600),
             default=60,
             title="Request timeout",
-            description="Seconds one request may take in all: connecting, the headers and "
+            description="Seconds one request may take in all (at most 3600): connecting, the "
+            "headers and "
             "the whole body (a server that trickles bytes is cut off too). A request that "
             "runs out of time is retried like a dropped connection.",
         ),
         th.Property(
             "max_tries",
-            th.IntegerType(minimum=1),
+            th.IntegerType(minimum=1, maximum=100),
             default=6,
             title="Max tries",
-            description="Attempts per request (the first plus retries) on 429, 5xx, "
+            description="Attempts per request (the first plus retries, 1 to 100) on 429, 5xx, "
             "timeouts and dropped connections.",
         ),
         th.Property(
             "max_retry_seconds",
-            th.NumberType(minimum=0),
+            th.NumberType(minimum=0, maximum=86400),
             default=300,
             title="Max retry seconds",
             description="Total seconds one request may spend waiting between retries "
-            "before the tap gives up.",
+            "before the tap gives up (at most 86400).",
         ),
         th.Property(
             "retry_initial_wait",
-            th.NumberType(minimum=0),
+            th.NumberType(minimum=0, maximum=120),
             default=1.0,
             title="Initial retry wait",
-            description="First backoff wait in seconds; doubles on each retry (with "
-            "jitter, each wait capped at 120 s). `Retry-After` overrides it.",
+            description="First backoff wait in seconds (at most 120); doubles on each retry (with "
+            "jitter, each wait capped at 120 s). A longer `Retry-After` overrides it.",
         ),
         th.Property(
             "emit_activate_version_messages",
@@ -221,22 +247,65 @@ class TapInvocaDestinations(SeamTap):
             "`tap-invoca-destinations/<version>`.",
         ),
     ).to_dict()
+    # The tap's own settings (settings_schema() adds the SDK's built-ins later).
+    own_settings: t.ClassVar[dict[str, dict[str, t.Any]]] = dict(config_jsonschema["properties"])
 
     @override
     def normalize_config(self, config: dict[str, t.Any]) -> None:
         network_id = config.get("network_id")
         if isinstance(network_id, int) and not isinstance(network_id, bool):
             config["network_id"] = str(network_id)
-        token = config.get("api_token")
-        if isinstance(token, str) and token != token.strip():
-            # Secret files and .env values often end in a newline.
-            self.secret_forms.add(token)
-            config["api_token"] = token.strip()
+        for key, prop in self.own_settings.items():
+            value, kinds = config.get(key), _types(prop)
+            if isinstance(value, Decimal) and "number" in kinds:
+                value = str(value)  # the SDK reads JSON numbers as Decimal; NaN breaks jsonschema
+            if not isinstance(value, str):
+                continue
+            if "string" in kinds and value != value.strip():
+                # Secret files, env vars and .env values often end in a newline.
+                if key in SECRET_KEYS:
+                    self.secret_forms.add(value)
+                config[key] = value.strip()
+            elif "integer" in kinds and _INTEGER_TEXT.match(value.strip()):
+                config[key] = int(value)
+            elif "number" in kinds and (
+                _NUMBER_TEXT.match(value.strip()) or value in {"NaN", "Infinity", "-Infinity"}
+            ):
+                # Meltano passes decimal settings as strings (see meltano.yml).
+                number = float(value)
+                config[key] = int(number) if number.is_integer() and abs(number) < 2**53 else number
 
     @override
     def config_errors(self, config: dict[str, t.Any]) -> list[str]:
         # Messages name the key; only non-secret values are quoted.
-        return [*self._schema_errors(config), *self._rule_errors(config)]
+        placeholders = [
+            key
+            for key in self.own_settings
+            if isinstance(config.get(key), str) and config[key].startswith(PLACEHOLDER)
+        ]
+        return [
+            *(
+                f"{key}: still the placeholder from sample_config.json; put your own value there"
+                for key in placeholders
+            ),
+            *(
+                error
+                for error in self._schema_errors(config)
+                if not error.startswith(tuple(f"{key}:" for key in placeholders))
+            ),
+            *self._rule_errors(config),
+        ]
+
+    @override
+    def config_warnings(self, config: dict[str, t.Any]) -> list[str]:
+        known = list(self.settings_schema()["properties"])
+        warnings = []
+        for key in config:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                warnings.append(f"unknown setting '{key}' is ignored{hint}")
+        return warnings
 
     def _schema_errors(self, config: dict[str, t.Any]) -> list[str]:
         errors = []
@@ -247,6 +316,13 @@ class TapInvocaDestinations(SeamTap):
             key = ".".join(str(part) for part in error.path) or "config"
             if key in SECRET_KEYS:
                 errors.append(f"{key}: must be a non-empty string (value not shown)")
+            elif error.validator in {"maximum", "minimum", "exclusiveMinimum"}:
+                bound = {"maximum": "at most", "minimum": "at least"}.get(
+                    error.validator, "more than"
+                )
+                errors.append(
+                    f"{key}: must be {bound} {error.validator_value}, got {error.instance}"
+                )
             elif key == "network_id":
                 errors.append(f"network_id: must be a string of digits, got {error.instance!r}")
             else:
@@ -257,15 +333,11 @@ class TapInvocaDestinations(SeamTap):
         errors = []
         base_url = config.get("base_url", DEFAULT_BASE_URL)
         if isinstance(base_url, str):
-            parsed = urlparse(base_url)
-            host = parsed.hostname or ""
-            if parsed.scheme not in {"http", "https"} or not host:
-                errors.append(f"base_url: must be an https:// URL with a host, got {base_url!r}")
-            elif parsed.scheme == "http" and not is_loopback(base_url):
-                errors.append(
-                    "base_url: plain http is refused for non-loopback hosts (the token "
-                    "would travel in clear text); use https://",
-                )
+            errors += _base_url_errors(base_url)
+        for key, prop in self.own_settings.items():
+            value = config.get(key)
+            if "number" in _types(prop) and isinstance(value, float) and math.isnan(value):
+                errors.append(f"{key}: must be a number, got NaN")
         status = config.get("status")
         if config.get("include_inactive") is False and status in {"ignored", "discovered"}:
             errors.append(
@@ -278,8 +350,8 @@ class TapInvocaDestinations(SeamTap):
                 parse_instant(start_date)
             except ValueError:
                 errors.append(
-                    f"start_date: not an ISO 8601 date or date-time (e.g. 2023-10-19 or "
-                    f"2023-10-19T00:00:00Z): {start_date!r}",
+                    f"start_date: not an ISO 8601 calendar date or date-time (e.g. 2023-10-19, "
+                    f"2023-10-19T00:00:00Z or 20231019T000000Z): {start_date!r}",
                 )
         token = config.get("api_token")
         if isinstance(token, str) and not token.isprintable():
@@ -322,10 +394,16 @@ class TapInvocaDestinations(SeamTap):
                 **kwargs,
             )
         except SyncInterrupted as exc:
+            written = (
+                "the last line on stdout is cut (a record longer than the pipe writes whole)"
+                if exc.cut_line
+                else "every record written so far is complete"
+            )
             cls.logger.error(  # noqa: TRY400 - one line; the traceback helps nobody
-                "Sync stopped by %s: every record written so far is complete; no final "
-                "STATE was written, so the next run starts from the previous bookmark",
+                "Sync stopped by %s: %s; no final STATE was written, so the next run "
+                "starts from the previous bookmark",
                 exc.signal_name,
+                written,
             )
             _exit_now(exc.exit_code)
         except OutputClosed as exc:
@@ -342,8 +420,42 @@ class TapInvocaDestinations(SeamTap):
             _exit_now(1)
 
 
+def _types(prop: dict[str, t.Any]) -> set[str]:
+    kinds = prop.get("type", [])
+    return {kinds} if isinstance(kinds, str) else set(kinds)
+
+
+def _base_url_errors(base_url: str) -> list[str]:
+    try:
+        parsed = urlparse(base_url)
+        host = parsed.hostname or ""
+    except ValueError:
+        return ["base_url: not a URL (value not shown)"]
+    if parsed.username is not None or parsed.password is not None:
+        # requests would send them as Basic auth in place of the token.
+        return ["base_url: must not carry a user name or password (value not shown)"]
+    errors = []
+    if parsed.scheme not in {"http", "https"} or not host:
+        errors.append(f"base_url: must be an https:// URL with a host, got {base_url!r}")
+    elif parsed.scheme == "http" and not is_loopback(base_url):
+        errors.append(
+            "base_url: plain http is refused for non-loopback hosts (the token "
+            "would travel in clear text); use https://",
+        )
+    if parsed.query or base_url.rstrip().endswith("?"):
+        errors.append("base_url: must not have a query string ('?...'); give the host only")
+    if parsed.fragment or "#" in base_url:
+        errors.append("base_url: must not have a fragment ('#...'); give the host only")
+    return errors
+
+
 class InputFileError(Exception):
     """A --state or --catalog file cannot be used."""
+
+
+def _refuse_constant(name: str) -> t.NoReturn:
+    msg = f"{name} is not a JSON value"
+    raise ValueError(msg)
 
 
 def read_json_object(file: t.IO[str], option: str) -> tuple[str, dict[str, t.Any]]:
@@ -355,7 +467,7 @@ def read_json_object(file: t.IO[str], option: str) -> tuple[str, dict[str, t.Any
     name = getattr(file, "name", "the file")
     try:
         text = file.read()
-        value = json.loads(text) if text.strip() else {}
+        value = json.loads(text, parse_constant=_refuse_constant) if text.strip() else {}
     except (UnicodeDecodeError, ValueError) as exc:
         msg = f"{option} {name}: not a JSON file ({type(exc).__name__}: {exc})"
         raise InputFileError(msg) from None
@@ -401,7 +513,7 @@ def checked_catalog_file(catalog: t.IO[str]) -> t.IO[str]:
 
 def _exit_now(code: int) -> t.NoReturn:
     """Exit without waiting for request threads still running (they hold nothing of value)."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)  # a second signal must not interrupt the exit
     logging.shutdown()
     with contextlib.suppress(OSError, ValueError):

@@ -7,6 +7,7 @@ import os
 import typing as t
 
 import pytest
+from frontends import FRONTENDS, Frontend
 from helpers import ENV_PREFIX
 from invoca_server import Faults, InvocaServer
 
@@ -39,6 +40,12 @@ def _no_tap_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith(ENV_PREFIX):
             monkeypatch.delenv(key)
+
+
+@pytest.fixture(params=FRONTENDS, ids=str)
+def frontend(request: pytest.FixtureRequest) -> Frontend:
+    """Each front end of the engine in turn: the Singer tap, the Airbyte source."""
+    return t.cast("Frontend", request.param)
 
 
 @pytest.fixture(autouse=True)

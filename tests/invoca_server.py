@@ -25,8 +25,11 @@ import collections
 import dataclasses
 import datetime as dt
 import email.utils
+import functools
+import gzip
 import json
 import socket
+import ssl
 import threading
 import time
 import typing as t
@@ -177,9 +180,11 @@ class Faults:
     fail_status: int = 503
     retry_after: str | None = None  # None, "<seconds>", or "date:<seconds>" (HTTP-date form)
     fail_times: int | None = None  # stop failing after this many injected failures
+    fail_starts: tuple[int, ...] = ()  # list requests at these offsets fail likewise
     drop_every: int = 0  # every K-th request: connection closed without a response
     slow_every: int = 0  # every K-th request: sleep slow_seconds before answering
     slow_seconds: float = 0
+    slow_starts: tuple[int, ...] = ()  # list requests at these offsets are slow likewise
     non_json_every: int = 0  # every K-th request: 200 with an HTML body
     no_data_every: int = 0  # every K-th request: 200 without "data"
     page_cap: int = 0  # serve at most this many records per page
@@ -198,6 +203,9 @@ class Faults:
     total_value: int = 0  # the recordsTotal sent when total_form is "fixed"
     bad_ids: str = ""  # "duplicate" or "unsorted": ids of the list page number bad_ids_page
     bad_ids_page: int = 1
+    # Glitches with a true recordsTotal: list page number (from 1) -> "lone" (only the
+    # page's first record) or "empty" (no record): a server that misbehaves once.
+    glitch_pages: dict[int, str] = dataclasses.field(default_factory=dict)
     trickle_every: int = 0  # every K-th request: a list body sent trickle_bytes at a time...
     trickle_bytes: int = 1
     trickle_delay: float = 0.05  # ...with this many seconds between the pieces
@@ -205,6 +213,14 @@ class Faults:
     deep_json_every: int = 0  # every K-th request: 200 with JSON nested 5,000 deep
     clock_skew_seconds: float = 0  # the Date header is shifted by this much
     on_list_page: t.Callable[[int], None] | None = None  # called after the N-th list page
+    gzip_bomb_every: int = 0  # every K-th request: 200 with a gzip body (valid JSON, no records)...
+    gzip_bomb_bytes: int = 300_000_000  # ...that inflates to this many bytes
+    gzip_pages: bool = False  # gzip every body when the client accepts it
+    body_every: int = 0  # every K-th request: body_status with body_text, where "{token}" and
+    body_status: int = 200  # "{token_json}" stand for the server's token (raw, JSON-escaped)
+    body_text: str = ""
+    throttle_above: int = 0  # a request arriving with more than this many in flight: 429
+    error_envelope_every: int = 0  # every K-th request: 200 with Invoca's error envelope
 
 
 @dataclasses.dataclass
@@ -220,6 +236,9 @@ class Stats:
     dropped: int = 0
     paths: list[str] = dataclasses.field(default_factory=list)
     connections: int = 0  # TCP connections accepted
+    other_auth: collections.Counter[str] = dataclasses.field(
+        default_factory=collections.Counter
+    )  # Authorization headers other than the token, by scheme ("Basic", "none", "other")
 
 
 class InvocaServer:
@@ -263,7 +282,15 @@ class InvocaServer:
     @property
     def url(self) -> str:
         """Base URL to give the tap as ``base_url``."""
-        return f"http://127.0.0.1:{self._httpd.server_port}"
+        scheme = "https" if isinstance(self._httpd.socket, ssl.SSLSocket) else "http"
+        return f"{scheme}://127.0.0.1:{self._httpd.server_port}"
+
+    def use_tls(self, certfile: str, keyfile: str) -> Self:
+        """Serve HTTPS with this certificate (call before start)."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certfile, keyfile)
+        self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
+        return self
 
     def ids(self) -> list[int]:
         """Ids of the destinations that exist now, ascending."""
@@ -381,6 +408,9 @@ class InvocaServer:
         if faults.page_cap:
             limit = min(limit, faults.page_cap)
         ids = listing[start : start + limit]
+        glitch = faults.glitch_pages.get(page_number)
+        if glitch:
+            ids = ids[:1] if glitch == "lone" else []
         if faults.bad_ids and page_number == faults.bad_ids_page and len(ids) >= 2:
             ids = [ids[0], *ids] if faults.bad_ids == "duplicate" else [ids[1], ids[0], *ids[2:]]
         with self.lock:
@@ -424,6 +454,18 @@ class InvocaServer:
         self.stop()
 
 
+@functools.cache
+def gzip_bomb(size: int) -> bytes:
+    """A gzip body of about 1/1000 its size that inflates to ``size`` bytes of valid JSON.
+
+    Concatenated gzip members (one per MiB of spaces), as RFC 1952 allows.
+    """
+    head, tail = b'{"data":[],"recordsTotal":0', b"}"
+    mebibyte = gzip.compress(b" " * (1 << 20), compresslevel=9)
+    count = max(size - len(head) - len(tail), 0) >> 20
+    return gzip.compress(head) + mebibyte * count + gzip.compress(tail)
+
+
 def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as Invoca's front end does
@@ -454,6 +496,12 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
         def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
             with server.lock:
                 server.stats.statuses[status] += 1
+            if server.faults.gzip_pages and "gzip" in self.headers.get("Accept-Encoding", ""):
+                # As a front end compresses: members of 4 KiB, one after another.
+                body = b"".join(
+                    gzip.compress(body[i : i + 4096]) for i in range(0, len(body), 4096)
+                )
+                headers = {**(headers or {}), "Content-Encoding": "gzip"}
             self.send_response(status)
             self.send_header("Content-Type", "application/json; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))
@@ -490,7 +538,15 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
                 server.stats.paths.append(self.path)
                 if server.token and server.token in self.path:
                     server.stats.token_in_url += 1
+                limit = server.faults.throttle_above
+                throttled = bool(limit) and server.stats.in_flight > limit
             try:
+                if throttled:  # a rate limiter answers at once, before any work
+                    body = {"errors": {"invalid_data": "Too many requests in flight"}}
+                    retry_after = server.faults.retry_after
+                    headers = {"Retry-After": retry_after} if retry_after is not None else {}
+                    self._send(429, json.dumps(body).encode(), headers)
+                    return
                 self._handle(number)
             finally:
                 with server.lock:
@@ -513,13 +569,18 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return True
-            if every(faults.slow_every):
+            if every(faults.slow_every) or any(
+                f"start={n}&" in f"{self.path}&" for n in faults.slow_starts
+            ):
                 time.sleep(faults.slow_seconds)
             for k, status in faults.status_every.items():
                 if every(k):
                     self._error(status, {"invalid_data": f"injected {status}", "class": "Injected"})
                     return True
-            if every(faults.fail_every) and (faults.fail_times is None or faults.fail_times > 0):
+            failing_start = any(f"start={n}&" in f"{self.path}&" for n in faults.fail_starts)
+            if (every(faults.fail_every) or failing_start) and (
+                faults.fail_times is None or faults.fail_times > 0
+            ):
                 if faults.fail_times is not None:
                     faults.fail_times -= 1
                 headers = {}
@@ -546,7 +607,34 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
             if every(faults.no_data_every):
                 self._send(200, b'{"requestId":null,"recordsTotal":0}')
                 return True
+            if every(faults.gzip_bomb_every):
+                self._gzip_bomb()
+                return True
+            if every(faults.body_every):
+                token_json = json.dumps(server.token)[1:-1]
+                text = faults.body_text.replace("{token_json}", token_json)
+                self._send(faults.body_status, text.replace("{token}", server.token).encode())
+                return True
+            if every(faults.error_envelope_every):
+                errors = {"base": ["Injected: try again later"]}
+                envelope = {"data": [], "errors": errors, "recordsTotal": len(server.ids())}
+                self._send(200, json.dumps(envelope).encode())
+                return True
             return False
+
+        def _gzip_bomb(self) -> None:
+            body = gzip_bomb(server.faults.gzip_bomb_bytes)
+            with server.lock:
+                server.stats.statuses[200] += 1
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                self.wfile.write(body)
+            except OSError:  # the client stopped reading: that is the point
+                self.close_connection = True
 
         def _handle(self, number: int) -> None:
             if server.faults.latency_ms:
@@ -554,6 +642,10 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
             url = urlparse(self.path)
             query = {k: v[-1] for k, v in parse_qs(url.query).items()}
             if self.headers.get("Authorization") != server.token:
+                given = self.headers.get("Authorization")
+                scheme = "none" if given is None else given.split(" ")[0]
+                with server.lock:
+                    server.stats.other_auth[scheme if scheme in {"none", "Basic"} else "other"] += 1
                 self._error(401, {"invalid_data": "Not authorized", "class": "Unauthorized"})
                 return
             if self._injected_fault(number):
@@ -597,7 +689,7 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-NOT_ON_CLI = {"status_every", "on_list_page"}
+NOT_ON_CLI = {"status_every", "on_list_page", "glitch_pages", "fail_starts", "slow_starts"}
 
 
 def main() -> None:
@@ -606,6 +698,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--count", type=int, default=500, help="destinations to serve")
     parser.add_argument("--token", default=DEFAULT_TOKEN)
+    parser.add_argument(
+        "--no-drift",
+        action="store_true",
+        help="serve only fields the tap knows (no 'field Invoca added later', so no warning)",
+    )
     floats = {"latency_ms", "slow_seconds", "trickle_delay", "clock_skew_seconds"}
     for field in dataclasses.fields(Faults):
         if field.name in NOT_ON_CLI:
@@ -629,7 +726,18 @@ def main() -> None:
             if f.name not in NOT_ON_CLI
         }
     )
-    server = InvocaServer(args.count, token=args.token, port=args.port, faults=faults)
+    try:
+        server = InvocaServer(args.count, token=args.token, port=args.port, faults=faults)
+    except OSError as exc:
+        msg = f"invoca_server: cannot listen on 127.0.0.1:{args.port}: {exc.strerror or exc}"
+        raise SystemExit(msg) from None
+    if args.no_drift:
+        for destination in list(server._destinations.values()):  # noqa: SLF001
+            destination.wire.pop("call_recording_enabled", None)
+            pool = destination.wire.get("dynamic_number_pool")
+            if isinstance(pool, dict):
+                pool.pop("auto_scale", None)
+            server._put(destination)  # noqa: SLF001
     print(f"Invoca-compatible server on {server.url} ({args.count} destinations)", flush=True)
     try:
         server.serve_forever()

@@ -59,7 +59,8 @@ def test_discover_with_sample_config_prints_the_contract_schema(tmp_path: Path) 
     props = stream["schema"]["properties"]
     assert list(props) == list(COLUMNS)
     assert props["id"]["type"] == ["integer"]
-    assert props["network_id"]["type"] == ["string", "null"]
+    assert props["network_id"]["type"] == ["string"]  # half of the key: never null
+    assert set(stream["schema"]["required"]) == {"network_id", "id"}
     assert props["created_at"] == {"format": "date-time", "type": ["string", "null"]}
     assert props["dynamic_number_pool_id"]["type"] == ["integer", "null"]
     assert props["dynamic_number_pool_preferred"]["type"] == ["boolean", "null"]

@@ -139,11 +139,13 @@ def test_retry_time_budget_is_a_bound(
 def test_a_failure_stops_prefetches_still_waiting_to_retry(
     tmp_path: Path, make_server: Callable[..., InvocaServer]
 ) -> None:
-    # Page 0 carries a bad value (the sync stops while handling it); the pages
-    # prefetched meanwhile get 503 with Retry-After: 30. The run must end now,
-    # not after those waits.
-    server = serve(make_server, Faults(fail_every=2, fail_status=503, retry_after="30"))
-    victim = server.ids()[3]
+    # The page at start=9 carries a bad value (the sync stops while handling it);
+    # the pages prefetched with it get 503 with Retry-After: 30. The run must end
+    # now, not after those waits. Every response takes 200 ms, so the prefetches
+    # are surely at the server before the bad page is handled.
+    faults = Faults(fail_starts=(19, 29), fail_status=503, retry_after="30", latency_ms=200)
+    server = serve(make_server, faults)
+    victim = server.ids()[12]
     wire = server.wire_record(victim)
     wire["dynamic_number_pool"] = {"max_pool_size": "twelve"}
     server.set_wire(victim, wire)

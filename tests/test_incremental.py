@@ -15,6 +15,7 @@ if t.TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
+    from frontends import Frontend
     from invoca_server import InvocaServer
 
 UTC = dt.UTC
@@ -41,23 +42,23 @@ def one_line_failure(stderr: str) -> str:
 
 
 def test_bookmark_is_capped_below_the_syncs_start_in_whole_seconds(
-    tmp_path: Path, server: InvocaServer
+    tmp_path: Path, server: InvocaServer, frontend: Frontend
 ) -> None:
     # A record stamped in the future (another clock, or a bad one) must not
     # carry the bookmark past the sync's start.
     future = dt.datetime.now(UTC).replace(microsecond=0) + dt.timedelta(hours=3)
     server.touch([server.ids()[7]], future)
     began = dt.datetime.now(UTC)
-    run = run_cli(tmp_path, config_for(server))
+    run = frontend.run(tmp_path, config_for(server))
     assert run.returncode == 0, run.stderr
-    final = bookmark_of(run.states[-1])
+    final = frontend.bookmark_of(run.states[-1])
     assert final is not None
     moment = dt.datetime.fromisoformat(final)
     assert moment.microsecond == 0
     assert moment <= began.replace(microsecond=0) - dt.timedelta(seconds=1)
     assert moment >= began - dt.timedelta(minutes=1)
     # The future record is emitted again next run (the inclusive rule): nothing is lost.
-    again = run_cli(tmp_path, config_for(server), state=run.states[-1])
+    again = frontend.run(tmp_path, config_for(server), state=run.states[-1])
     assert again.returncode == 0, again.stderr
     assert server.ids()[7] in {r["id"] for r in again.records}
 
@@ -72,15 +73,16 @@ def test_bookmark_is_the_greatest_seen_when_that_is_older(
 
 
 def test_a_future_bookmark_is_warned_about_and_not_carried_forward(
-    tmp_path: Path, server: InvocaServer
+    tmp_path: Path, server: InvocaServer, frontend: Frontend
 ) -> None:
-    run = run_cli(tmp_path, config_for(server), state=state_with("2099-01-01T00:00:00+00:00"))
+    future = frontend.state_with("2099-01-01T00:00:00+00:00")
+    run = frontend.run(tmp_path, config_for(server), state=future)
     assert run.returncode == 0, run.stderr
     assert len(run.records) == 250  # every destination, not just the null-updated_at ones
     warnings = [line for line in run.stderr.splitlines() if "in the future" in line]
     assert len(warnings) == 1
     assert "2099-01-01" in warnings[0]
-    final = bookmark_of(run.states[-1])
+    final = frontend.bookmark_of(run.states[-1])
     assert final is not None
     assert final < dt.datetime.now(UTC).isoformat()
 
@@ -224,27 +226,27 @@ def test_an_edit_on_a_lagging_invoca_clock_comes_in_the_next_run(
 
 @pytest.mark.parametrize("ahead", [dt.timedelta(minutes=4), dt.timedelta(seconds=2)])
 def test_a_bookmark_just_ahead_of_now_is_not_carried_forward(
-    tmp_path: Path, server: InvocaServer, ahead: dt.timedelta
+    tmp_path: Path, server: InvocaServer, frontend: Frontend, ahead: dt.timedelta
 ) -> None:
     began = dt.datetime.now(UTC)
     near = (began + ahead).replace(microsecond=0).isoformat()
-    run = run_cli(tmp_path, config_for(server), state=state_with(near))
+    run = frontend.run(tmp_path, config_for(server), state=frontend.state_with(near))
     assert run.returncode == 0, run.stderr
     assert len(run.records) == 250
-    final = bookmark_of(run.states[-1])
+    final = frontend.bookmark_of(run.states[-1])
     assert final is not None
     assert dt.datetime.fromisoformat(final) < began
 
 
 def test_a_bookmark_above_the_ceiling_is_lowered_even_when_nothing_is_newer(
-    tmp_path: Path, server: InvocaServer
+    tmp_path: Path, server: InvocaServer, frontend: Frontend
 ) -> None:
     # Just below now: trusted as the lower bound, so no record reaches it, but it
     # is above this sync's ceiling and may not stand.
     began = dt.datetime.now(UTC).replace(microsecond=0)
     recent = (began - dt.timedelta(seconds=1)).isoformat()
-    run = run_cli(tmp_path, config_for(server), state=state_with(recent))
+    run = frontend.run(tmp_path, config_for(server), state=frontend.state_with(recent))
     assert run.returncode == 0, run.stderr
-    final = bookmark_of(run.states[-1])
+    final = frontend.bookmark_of(run.states[-1])
     assert final is not None
     assert final < recent

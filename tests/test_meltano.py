@@ -548,7 +548,6 @@ def test_config_set_stores_each_kind_as_the_tap_expects(
         "flattening_enabled": ("false", False),
         "page_size": ("50", 50),
         "flattening_max_depth": ("2", 2),
-        "request_timeout": ("2.5", 2.5),
         "status": ("tracked", "tracked"),
         "start_date": ("2023-01-05T00:00:00Z", "2023-01-05T00:00:00Z"),
         "faker_config": ('{"seed": 1}', {"seed": 1}),

@@ -6,9 +6,11 @@ import json
 import typing as t
 
 from helpers import config_for, run_cli
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from singer_sdk.singerlib.messages import StateMessage
 
-from tap_invoca_destinations.output import BufferedSingerWriter
+from tap_invoca_destinations.output import BufferedSingerWriter, _line_chunks
 
 if t.TYPE_CHECKING:
     from collections.abc import Callable
@@ -82,3 +84,19 @@ def test_records_before_a_failure_are_written_without_a_state_after_them(
     assert records == server.ids()[:120]
     last_record = max(i for i, m in enumerate(messages) if m["type"] == "RECORD")
     assert all(m["type"] != "STATE" for m in messages[last_record:])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lengths=st.lists(st.integers(min_value=0, max_value=300), max_size=60),
+    size=st.integers(min_value=1, max_value=512),
+)
+def test_pipe_writes_are_runs_of_whole_lines_within_the_atomic_size(
+    lengths: list[int], size: int
+) -> None:
+    data = b"".join(b"x" * n + b"\n" for n in lengths)
+    chunks = [bytes(chunk) for chunk in _line_chunks(data, size)]
+    assert b"".join(chunks) == data
+    for chunk in chunks:
+        assert chunk.endswith(b"\n")
+        assert len(chunk) <= size or chunk.count(b"\n") == 1  # only a long line alone

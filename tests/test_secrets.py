@@ -22,9 +22,12 @@ ODD_TOKEN = "SECRET-'q\"b\\s/p+e=a&z%~"  # noqa: S105 - a marker with characters
 
 def forms(token: str) -> set[str]:
     """Every form a token is commonly printed in."""
+    backslashed = token.replace("\\", "\\\\")
     return {
         token,
         repr(token)[1:-1],
+        backslashed,  # inside the repr of a longer text ...
+        backslashed.replace("'", "\\'"),  # ... that holds " as well
         json.dumps(token)[1:-1],
         json.dumps(token, ensure_ascii=False)[1:-1],
         quote(token, safe=""),
@@ -73,3 +76,54 @@ def test_an_odd_token_appears_in_no_form_at_debug(
     assert run.returncode == (0 if status is None else 1), run.stderr
     assert_nowhere(ODD_TOKEN, run.stdout, run.stderr)
     assert server.stats.token_in_url == 0
+
+
+# --- Quoted bodies: redacted before they are escaped or cut --------------------
+
+# One token with ' and \ (a page holding " makes repr escape its ' unlike repr(token)),
+# one with " and \.
+QUOTE_TOKENS = ["Tq'7x\\kZ-91ab/+&=%~", 'Tq"7x\\kZ-91ab/+&=%~']
+CUT_AT = 292  # a quote is cut at 300 characters: the token starts 8 before the cut
+QUOTED_BODIES = {
+    # A page that is not JSON, holding both quote characters besides the token.
+    "html page": (200, "<p class=\"note\" title='t'>token {token} here</p>"),
+    "html page, token at the cut": (200, '<p class="n">' + "x" * (CUT_AT - 13) + "{token}</p>"),
+    "JSON without data": (200, '{"note": "{token_json}", "q": "\'"}'),
+    "403 errors": (403, '{"errors": {"invalid_data": "bad token {token_json}", "class": "X"}}'),
+    "403 nested errors": (403, '{"errors": {"invalid_data": [{"token": "{token_json}"}]}}'),
+    "403 errors, token at the cut": (
+        403,
+        '{"errors": {"invalid_data": "' + "y" * (CUT_AT - 14) + '{token_json}"}}',
+    ),
+    "403 not JSON, token at the cut": (403, '"' + "z" * (CUT_AT - 1) + "{token}"),
+    "500 until retries run out": (500, '{"errors": {"handle": "ERR {token_json} \\" \'"}}'),
+}
+
+
+def assert_no_part(token: str, *outputs: str) -> None:
+    """No form of the token, nor of any start of it from 4 characters on."""
+    for size in range(4, len(token) + 1):
+        assert_nowhere(token[:size], *outputs)
+
+
+@pytest.mark.parametrize(
+    ("token", "level"),
+    [(QUOTE_TOKENS[0], "DEBUG"), (QUOTE_TOKENS[0], "INFO"), (QUOTE_TOKENS[0], "ERROR"),
+     (QUOTE_TOKENS[1], "DEBUG")],
+)  # fmt: skip
+@pytest.mark.parametrize("body", list(QUOTED_BODIES))
+def test_a_quoted_body_never_shows_the_token_escaped_or_cut(
+    tmp_path: Path, make_server: Callable[..., InvocaServer], body: str, token: str, level: str
+) -> None:
+    status, text = QUOTED_BODIES[body]
+    faults = Faults(body_every=1, body_status=status, body_text=text)
+    server = make_server(120, token=token, faults=faults)
+    settings = config_for(server, page_size=50, max_tries=2, max_concurrency=1)
+    run = run_cli(tmp_path, settings, env={"LOGLEVEL": level})
+    assert run.returncode == 1, run.stderr
+    assert server.stats.statuses[status] >= 1
+    failure = [line for line in run.stderr.splitlines() if "Sync failed" in line]
+    assert len(failure) == 1, run.stderr
+    # The quote reached the token: redacted, or cut where the token was.
+    assert "<redacted>" in failure[0] or ("cut" in body and "…" in failure[0]), failure[0]
+    assert_no_part(token, run.stdout, run.stderr)

@@ -1,0 +1,172 @@
+"""The adaptive concurrency window: its rules as properties, and against a throttling server."""
+
+from __future__ import annotations
+
+import threading
+import typing as t
+
+from helpers import config_for, run_cli
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from invoca_server import Faults
+
+from tap_invoca_destinations.paging import AdaptiveWindow, DaemonPool
+
+if t.TYPE_CHECKING:
+    from pathlib import Path
+
+    from invoca_server import InvocaServer
+
+PROPERTY = settings(max_examples=300, deadline=None)
+
+# One event: ("prompt", seconds), ("trouble", 0.0) for the latest ticket, or
+# ("stale", 0.0): trouble for a request sent before the latest cut.
+EVENTS = st.lists(
+    st.one_of(
+        st.tuples(st.just("prompt"), st.floats(min_value=0.001, max_value=10)),
+        st.tuples(st.sampled_from(["trouble", "stale"]), st.just(0.0)),
+    ),
+    max_size=60,
+)
+
+
+@PROPERTY
+@given(start=st.integers(-2, 20), ceiling=st.integers(-2, 20), events=EVENTS)
+def test_the_size_stays_within_one_and_the_ceiling(
+    start: int, ceiling: int, events: list[tuple[str, float]]
+) -> None:
+    window = AdaptiveWindow(start, ceiling)
+    assert 1 <= window.size <= max(ceiling, 1)
+    assert window.size == min(max(start, 1), max(ceiling, 1))
+    for kind, seconds in events:
+        ticket = window.sent()
+        if kind == "prompt":
+            window.prompt(ticket, seconds)
+        else:
+            window.trouble(ticket - 1 if kind == "stale" else ticket)
+        assert 1 <= window.size <= window.cap <= max(ceiling, 1)
+
+
+@PROPERTY
+@given(start=st.integers(1, 16), ceiling=st.integers(1, 16), events=EVENTS)
+def test_trouble_halves_once_per_cut_and_caps_growth(
+    start: int, ceiling: int, events: list[tuple[str, float]]
+) -> None:
+    window = AdaptiveWindow(start, ceiling)
+    for kind, seconds in events:
+        ticket = window.sent()
+        if kind == "prompt":
+            window.prompt(ticket, seconds)
+            continue
+        before, stale = window.size, kind == "stale"
+        returned = window.trouble(ticket - 1 if stale else ticket)
+        if stale:  # sent before the last cut: already answered
+            assert window.size == before
+            assert returned is None
+        else:
+            assert window.size == max(1, before // 2)
+            assert returned == (window.size if window.size != before else None)
+            assert window.cap == max(1, min(window.cap, before - 1))
+        # Growth never again reaches the size that met trouble.
+        for _ in range(40):
+            window.prompt(window.sent(), window.quickest or 0.001)
+        if not stale:
+            assert window.size <= max(1, before - 1)
+
+
+@PROPERTY
+@given(
+    start=st.integers(1, 16),
+    ceiling=st.integers(1, 16),
+    latencies=st.lists(st.floats(min_value=0.001, max_value=10), min_size=1, max_size=40),
+)
+def test_the_window_grows_only_on_prompt_pages(
+    start: int, ceiling: int, latencies: list[float]
+) -> None:
+    window = AdaptiveWindow(start, ceiling)
+    for seconds in latencies:
+        before = window.size
+        quickest = min(seconds, window.quickest or seconds)
+        grew = window.prompt(window.sent(), seconds)
+        if seconds <= AdaptiveWindow.PROMPT_FACTOR * quickest and before < window.cap:
+            assert window.size == before + 1
+            assert grew == window.size
+        else:
+            assert window.size == before
+            assert grew is None
+
+
+def test_a_slow_page_does_not_widen_the_window() -> None:
+    window = AdaptiveWindow(4, 8)
+    window.prompt(window.sent(), 0.030)
+    assert window.size == 5
+    assert window.prompt(window.sent(), 0.070) is None  # more than twice the quickest
+    assert window.size == 5
+
+
+# --- end to end: a server that throttles above N requests in flight -------------------
+
+
+def test_the_window_settles_below_a_throttling_servers_limit(
+    tmp_path: Path, make_server: t.Callable[..., InvocaServer]
+) -> None:
+    limit = 3
+    server = make_server(3000, faults=Faults(latency_ms=20, throttle_above=limit))
+    run = run_cli(tmp_path, config_for(server, page_size=20, max_concurrency=16))
+    assert run.returncode == 0, run.stderr
+    assert [r["id"] for r in run.records] == server.ids()
+    throttled = server.stats.statuses[429]
+    assert 1 <= throttled <= 12, throttled  # few, out of ~150 pages
+    sizes = [int(line.rsplit(" ", 1)[1]) for line in run.stderr.splitlines() if "lowering" in line]
+    assert sizes, run.stderr
+    assert sizes[-1] <= limit
+    # Once settled, the tap no longer crowds the server: the 429s came early.
+    last_429 = max(i for i, line in enumerate(run.stderr.splitlines()) if "HTTP 429" in line)
+    pages = [i for i, line in enumerate(run.stderr.splitlines()) if "http_request_duration" in line]
+    assert sum(1 for i in pages if i > last_429) > len(pages) // 2
+
+
+def test_the_window_grows_to_the_ceiling_against_a_prompt_server(
+    tmp_path: Path, make_server: t.Callable[..., InvocaServer]
+) -> None:
+    server = make_server(3000, faults=Faults(latency_ms=40))
+    run = run_cli(tmp_path, config_for(server, page_size=50, max_concurrency=12))
+    assert run.returncode == 0, run.stderr
+    assert len(run.records) == 3000
+    assert server.stats.max_in_flight > 4  # it started at 4
+    assert server.stats.max_in_flight <= 12
+    assert server.stats.statuses[429] == 0
+
+
+# --- the daemon threads that run fetches and requests ----------------------------------
+
+
+def test_the_pool_reuses_an_idle_thread_and_never_queues_behind_a_busy_one() -> None:
+    pool = DaemonPool("test-worker")
+    ran: list[threading.Thread] = []
+    first, release, second = threading.Event(), threading.Event(), threading.Event()
+
+    def blocking() -> None:
+        ran.append(threading.current_thread())
+        first.set()
+        release.wait(10)
+
+    def note(event: threading.Event) -> None:
+        ran.append(threading.current_thread())
+        event.set()
+
+    pool.run(blocking)
+    assert first.wait(5)
+    pool.run(lambda: note(second))
+    assert second.wait(5)  # ran although the first task still blocks its thread
+    assert ran[0] is not ran[1]
+    assert all(thread.daemon for thread in ran)
+    release.set()
+    done = threading.Event()
+    deadline = 50
+    while deadline and not pool._idle:  # noqa: SLF001 - wait until both are idle again
+        threading.Event().wait(0.1)
+        deadline -= 1
+    pool.run(lambda: note(done))
+    assert done.wait(5)
+    assert ran[2] in ran[:2]  # an idle thread took it: no new thread
