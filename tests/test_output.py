@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import typing as t
 
 from helpers import config_for, run_cli
@@ -10,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from singer_sdk.singerlib.messages import StateMessage
 
+from tap_invoca_destinations import output
 from tap_invoca_destinations.output import BufferedSingerWriter, _line_chunks
 
 if t.TYPE_CHECKING:
@@ -100,3 +103,29 @@ def test_pipe_writes_are_runs_of_whole_lines_within_the_atomic_size(
     for chunk in chunks:
         assert chunk.endswith(b"\n")
         assert len(chunk) <= size or chunk.count(b"\n") == 1  # only a long line alone
+
+
+def test_a_block_goes_to_a_pipe_with_room_in_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Writes of PIPE_BUF each cost a system call (and a GIL hand-over) per 4 KiB;
+    # a pipe with room for the block takes it whole, so nothing can cut it short.
+    read_end, write_end = os.pipe()
+    sizes: list[int] = []
+    real_write = os.write
+
+    def counting_write(fd: int, data: bytes) -> int:
+        sizes.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(output.os, "write", counting_write)
+    with open(write_end, "w", closefd=True) as pipe:  # noqa: PTH123 - a pipe, not a path
+        monkeypatch.setattr(sys, "stdout", pipe)
+        writer = BufferedSingerWriter()
+        record = {"id": 1, "name": "x" * 500}
+        for _ in range(200):  # about 100 KB: more than one block
+            writer.write_record({"type": "RECORD", "stream": "s", "record": record})
+        writer.flush()
+    with open(read_end, "rb") as reader:  # noqa: PTH123
+        lines = reader.read().splitlines()
+    assert len(lines) == 200
+    assert max(sizes) > BufferedSingerWriter.BLOCK_BYTES // 2
+    assert len(sizes) <= 3
