@@ -203,6 +203,7 @@ class Faults:
     total_value: int = 0  # the recordsTotal sent when total_form is "fixed"
     bad_ids: str = ""  # "duplicate" or "unsorted": ids of the list page number bad_ids_page
     bad_ids_page: int = 1
+    bad_ids_start: int = -1  # >= 0: the page at this offset instead of bad_ids_page
     # Glitches with a true recordsTotal: list page number (from 1) -> "lone" (only the
     # page's first record) or "empty" (no record): a server that misbehaves once.
     glitch_pages: dict[int, str] = dataclasses.field(default_factory=dict)
@@ -411,7 +412,12 @@ class InvocaServer:
         glitch = faults.glitch_pages.get(page_number)
         if glitch:
             ids = ids[:1] if glitch == "lone" else []
-        if faults.bad_ids and page_number == faults.bad_ids_page and len(ids) >= 2:
+        bad_page = (
+            start == faults.bad_ids_start
+            if faults.bad_ids_start >= 0
+            else page_number == faults.bad_ids_page
+        )
+        if faults.bad_ids and bad_page and len(ids) >= 2:
             ids = [ids[0], *ids] if faults.bad_ids == "duplicate" else [ids[1], ids[0], *ids[2:]]
         with self.lock:
             chunk = [self._bytes[i] for i in ids if i in self._bytes]

@@ -474,8 +474,9 @@ def test_sigterm_stops_the_tap_in_seconds_even_when_the_target_stopped_reading(
     # up, and the orchestrator sends SIGTERM. The contract: stopping "takes
     # seconds, exits non-zero". The tap holds the signal until its blocked
     # write completes, i.e. for as long as the target does not read: it is
-    # still running 10 s later (and would be forever).
-    server = serve(listing(1000))
+    # still running 10 s later (and would be forever). 10,000 records: more
+    # than a pipe widened to 1 MiB holds.
+    server = serve(listing(10_000))
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps(config(server)))
     command = [str(Path(sys.executable).parent / "tap-invoca-destinations")]

@@ -171,11 +171,16 @@ def test_a_body_trickling_forever_is_given_up_within_the_budget(
 def test_a_fatal_error_does_not_wait_for_slow_requests_in_flight(
     tmp_path: Path, make_server: Factory
 ) -> None:
-    # Request 2 (the second page) is refused; request 3, prefetched with it,
-    # takes 30 s. The run must end now, not when request 3 does. Every response
-    # takes 300 ms, so request 3 is surely at the server before request 2 fails.
+    # The second page (start=9) is refused; the pages prefetched with it take 30 s.
+    # The run must end now, not when they do. Pages are chosen by offset (arrival
+    # order is a race between threads); every response takes 300 ms, so the slow
+    # requests are surely at the server before the second page fails.
     faults = Faults(
-        bad_ids="duplicate", bad_ids_page=2, slow_every=3, slow_seconds=30, latency_ms=300
+        bad_ids="duplicate",
+        bad_ids_start=9,
+        slow_starts=(19, 29),
+        slow_seconds=30,
+        latency_ms=300,
     )
     server = make_server(1000, faults=faults)
     began = time.monotonic()
