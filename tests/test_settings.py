@@ -29,6 +29,17 @@ if t.TYPE_CHECKING:
     from invoca_server import InvocaServer
 
 PREFIX = "TAP_INVOCA_DESTINATIONS_"
+
+
+def env_for(server: InvocaServer) -> dict[str, str]:
+    """The settings that reach the local server, as environment variables."""
+    return {
+        PREFIX + "API_TOKEN": server.token,
+        PREFIX + "NETWORK_ID": server.network_id,
+        PREFIX + "BASE_URL": server.url,
+    }
+
+
 BASE = {"api_token": "a-token-of-some-length", "network_id": "1234"}
 # Each numeric setting: a value inside its bounds, and one outside.
 NUMERIC = {
@@ -186,9 +197,7 @@ def test_numeric_settings_from_a_json_file_and_from_env(
 
 def test_every_numeric_setting_from_env_runs_a_sync(tmp_path: Path, server: InvocaServer) -> None:
     env = {
-        PREFIX + "API_TOKEN": server.token,
-        PREFIX + "NETWORK_ID": server.network_id,
-        PREFIX + "BASE_URL": server.url,
+        **env_for(server),
         **{PREFIX + key.upper(): str(good) for key, (good, _) in NUMERIC.items()},
     }
     run = run_cli(tmp_path, None, "--config", "ENV", env=env)
@@ -250,11 +259,7 @@ def test_a_wrong_token_in_dotenv_does_not_override_the_shell(
     tmp_path: Path, server: InvocaServer
 ) -> None:
     (tmp_path / ".env").write_text(f"{PREFIX}API_TOKEN=stale-token-from-a-file\n")
-    env = {
-        PREFIX + "API_TOKEN": server.token,
-        PREFIX + "NETWORK_ID": server.network_id,
-        PREFIX + "BASE_URL": server.url,
-    }
+    env = env_for(server)
     run = run_cli(tmp_path, None, "--config", "ENV", env=env)
     assert run.returncode == 0, run.stderr
 
