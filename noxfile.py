@@ -176,6 +176,10 @@ def pyairbyte(session: nox.Session) -> None:
     session.run(
         "pytest",
         str(ROOT / "tests" / "pyairbyte" / "e2e_pyairbyte.py"),
+        # Not the project's addopts: they spread tests over cores with pytest-xdist,
+        # which this environment does not have (and its few tests run in turn).
+        "-o",
+        "addopts=-ra",
         "-p",
         "no:randomly",
         # PyAirbyte and its CDK warn on import (experimental classes, ...): not ours to fail on.
