@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from airbyte_protocol.models import AirbyteMessage
-from helpers import TapRun, clean_env
+from helpers import TapRun, clean_env, run_command
 
 BIN = Path(sys.executable).parent
 AIRBYTE_CATALOG: dict[str, t.Any] = {
@@ -144,15 +144,7 @@ class Frontend:
         timeout: float = 120,
     ) -> TapRun:
         """Run a sync to its end; for Airbyte, validate every line and the run's ending."""
-        result = subprocess.run(
-            self.sync_command(tmp_path, config, state),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env={**clean_env(), **(env or {})},
-            cwd=tmp_path,
-            check=False,
-        )
+        result = run_command(self.sync_command(tmp_path, config, state), tmp_path, env, timeout)
         if self.airbyte:
             messages = validate_airbyte_lines(result.stdout)
             check_airbyte_run(result.returncode, messages)

@@ -84,6 +84,21 @@ def _parse(stdout: str) -> list[dict[str, t.Any]]:
     return [json.loads(line) for line in stdout.splitlines() if line.strip()]
 
 
+def run_command(
+    command: list[str], cwd: Path, env: dict[str, str] | None, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Run a command to its end in ``cwd``, with no tap setting from the environment but ``env``."""
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**clean_env(), **(env or {})},
+        cwd=cwd,
+        check=False,
+    )
+
+
 def run_cli(  # noqa: PLR0913 - one argument per CLI option
     tmp_path: Path,
     config: dict[str, t.Any] | None,
@@ -108,15 +123,7 @@ def run_cli(  # noqa: PLR0913 - one argument per CLI option
         catalog_path.write_text(json.dumps(catalog))
         command += ["--catalog", str(catalog_path)]
     command += list(args)
-    result = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**clean_env(), **(env or {})},
-        cwd=tmp_path,
-        check=False,
-    )
+    result = run_command(command, tmp_path, env, timeout)
     syncs = not {"--about", "--discover", "--version"} & set(args)
     messages = _parse(result.stdout) if result.returncode == 0 and syncs else []
     return TapRun(result.returncode, result.stdout, result.stderr, messages)
