@@ -32,7 +32,13 @@ from tap_invoca_destinations.client import (
     check_status,
     decode_page,
 )
-from tap_invoca_destinations.output import BufferedSingerWriter, OutputClosed, SyncInterrupted
+from tap_invoca_destinations.output import (
+    RECORD_PLACEHOLDER,
+    BufferedSingerWriter,
+    OutputClosed,
+    SyncInterrupted,
+    checkpoint_runs,
+)
 from tap_invoca_destinations.records import parse_instant
 from tap_invoca_destinations.sdk_seam import setup_console_logging
 from tap_invoca_destinations.streams import DestinationsStream
@@ -334,7 +340,7 @@ class Source:
         self.stream_started = False
 
     def emit(self, message: Message) -> None:
-        """Write one message and flush (records use ``writer.write_record`` directly)."""
+        """Write one message and flush (records use ``writer.write_records`` directly)."""
         self.writer.write_record(message)
         self.writer.flush()
 
@@ -434,19 +440,21 @@ class Source:
         Checkpoints repeat the starting bookmark: records come in id order, so only
         the final STATE, after the whole list was read, may move it.
         """
-        write = self.writer.write_record
+        writer = self.writer
         count = 0
         running = False
-        for record in stream.records_for_another_front_end():
+        for records in stream.pages_for_another_front_end():
             if not running:
                 running = True
                 self.emit(status_message("RUNNING"))
-            data = {"stream": STREAM, "data": record, "emitted_at": now_ms()}
-            write({"type": "RECORD", "record": data})
-            count += 1
-            if count == STATE_EVERY_RECORDS:
-                self.emit(state_message(safe_state, count))
-                count = 0
+            data = {"stream": STREAM, "data": RECORD_PLACEHOLDER, "emitted_at": now_ms()}
+            head, tail = writer.frame({"type": "RECORD", "record": data})
+            for run, checkpoint in checkpoint_runs(records, count, STATE_EVERY_RECORDS):
+                writer.write_records(run, head, tail)
+                count += len(run)
+                if checkpoint:
+                    self.emit(state_message(safe_state, count))
+                    count = 0
         return count
 
 

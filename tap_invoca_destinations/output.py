@@ -48,6 +48,26 @@ class OutputClosed(Exception):  # noqa: N818 - it is a state of the world, not a
     """The reader of stdout (the target) went away: nothing more can be written."""
 
 
+RECORD_PLACEHOLDER = "\0record\0"  # stands for each record in BufferedSingerWriter.frame
+
+
+def checkpoint_runs(
+    records: list[dict[str, t.Any]], done: int, every: int
+) -> t.Iterator[tuple[list[dict[str, t.Any]], bool]]:
+    """Cut a page of records (``done`` came before) where the count reaches a multiple of ``every``.
+
+    Yields each run and whether a checkpoint falls right after it.
+    """
+    start, size = 0, len(records)
+    while start < size:
+        stop = min(size, start + every - (done + start) % every)
+        yield (
+            (records if start == 0 and stop == size else records[start:stop]),
+            ((done + stop) % every == 0),
+        )
+        start = stop
+
+
 def _encode_other(value: object) -> str:
     return value.isoformat() if isinstance(value, dt.datetime) else str(value)
 
@@ -156,6 +176,30 @@ class BufferedSingerWriter(GenericSingerWriter[bytes, Message]):
     def write_record(self, message: dict[str, t.Any]) -> None:
         """Write an already-built RECORD message dict (buffered; see class docstring)."""
         self._write(message, flush=False)
+
+    def write_records(self, records: list[dict[str, t.Any]], head: bytes, tail: bytes) -> None:
+        """Write one line per record, ``head`` + the record's JSON + ``tail`` (buffered).
+
+        A page's records are encoded in one call: ``head`` and ``tail`` are the
+        JSON of the message around the record (``{"type":"RECORD",...,"record":``
+        and ``,"time_extracted":...}``), the same for every record of the page.
+        """
+        if not records:
+            return
+        lines = self._encoder.encode_lines(records)
+        # Compact JSON never holds a raw newline, so each one ends a record.
+        self._pending += head + lines[:-1].replace(b"\n", tail + b"\n" + head) + tail + b"\n"
+        if len(self._pending) >= self.BLOCK_BYTES:
+            self.flush(to_stdout=False)
+
+    def frame(self, message: dict[str, t.Any]) -> tuple[bytes, bytes]:
+        """``message``'s JSON cut around its ``RECORD_PLACEHOLDER``: the ``head`` and ``tail``."""
+        placeholder = self._encoder.encode(RECORD_PLACEHOLDER)
+        head, found, tail = self._encoder.encode(message).partition(placeholder)
+        if not found or placeholder in tail:
+            msg = "the message must hold RECORD_PLACEHOLDER exactly once"
+            raise ValueError(msg)
+        return head, tail
 
     def _write(self, message: dict[str, t.Any], *, flush: bool) -> None:
         pending = self._pending

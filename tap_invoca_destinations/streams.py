@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import sys
 import typing as t
 
@@ -127,26 +128,43 @@ class DestinationsStream(InvocaStream):
 
     @override
     def get_records(self, context: Context | None) -> Iterator[dict[str, t.Any]]:
+        for records in self.record_pages(context):
+            yield from records
+
+    @override
+    def record_pages(self, context: Context | None) -> Iterator[list[dict[str, t.Any]]]:
         network_id = str(self.config["network_id"])
         only_tracked = not self.config.get("include_inactive", True)
         self._sync_started_at = dt.datetime.now(dt.UTC)
         since = self._starting_updated_at(context)
+
+        def filtered(records: list[dict[str, t.Any]]) -> list[dict[str, t.Any]]:
+            if only_tracked:
+                records = [r for r in records if r["dynamic_number_pool_id"] is not None]
+            if since is not None:
+                records = [r for r in records if (u := r["updated_at"]) is None or u >= since]
+            return records
+
+        def shape_or_none(raw: t.Any) -> dict[str, t.Any] | None:  # noqa: ANN401
+            try:
+                return shape(raw, network_id)
+            except RecordShapeError:
+                return None
+
         for raw_records in self.iter_pages():
             self.time_extracted = dt.datetime.now(dt.UTC).isoformat()
             # A typed page was decoded strictly: it has no field we do not know (records.py).
             typed = bool(raw_records) and not isinstance(raw_records[0], dict)
             shape = shape_typed if typed else self._shape_and_report_drift
-            for raw in raw_records:
-                try:
-                    record = shape(raw, network_id)
-                except RecordShapeError as exc:
-                    raise InvocaError(str(exc)) from exc
-                if only_tracked and record["dynamic_number_pool_id"] is None:
-                    continue
-                updated_at = record["updated_at"]
-                if since is not None and updated_at is not None and updated_at < since:
-                    continue
-                yield record
+            try:
+                records = [shape(raw, network_id) for raw in raw_records]
+            except RecordShapeError as exc:
+                # The records before the bad one still go out, as they would one by one.
+                records = list(itertools.takewhile(bool, map(shape_or_none, raw_records)))
+                yield filtered(records)
+                raise InvocaError(str(exc)) from exc
+            if records := filtered(records):
+                yield records
         self._finish_bookmark()
         if self._unlisted_drift:
             self.logger.warning(

@@ -38,15 +38,24 @@ def sync(
     """Sync in process; return the messages (time_extracted removed) and fast-path writes."""
     fast_writes = 0
     write_record = BufferedSingerWriter.write_record
+    write_records = BufferedSingerWriter.write_records
 
     def counting(self: BufferedSingerWriter, message: dict[str, t.Any]) -> None:
         nonlocal fast_writes
         fast_writes += 1
         write_record(self, message)
 
+    def counting_page(
+        self: BufferedSingerWriter, records: list[dict[str, t.Any]], head: bytes, tail: bytes
+    ) -> None:
+        nonlocal fast_writes
+        fast_writes += len(records)
+        write_records(self, records, head, tail)
+
     with monkeypatch.context() as patch:
         patch.setattr(DestinationsStream, "FAST_RECORD_PATH", fast)
         patch.setattr(BufferedSingerWriter, "write_record", counting)
+        patch.setattr(BufferedSingerWriter, "write_records", counting_page)
         tap = TapInvocaDestinations(
             config=config, catalog=Catalog.from_dict(catalog) if catalog else None
         )
@@ -75,6 +84,17 @@ def deselect(catalog: dict[str, t.Any], *columns: str) -> dict[str, t.Any]:
         if item["breadcrumb"][-1:] and item["breadcrumb"][-1] in columns:
             item["metadata"]["selected"] = False
     return catalog
+
+
+def normalise_signposts(messages: list[dict[str, t.Any]]) -> list[dict[str, t.Any]]:
+    """The signpost is the run's start time: equal in shape, not in value."""
+    text = json.dumps(messages)
+    return t.cast(
+        "list[dict[str, t.Any]]",
+        json.loads(
+            re.sub(r'"replication_key_signpost": "[^"]+"', '"replication_key_signpost": "S"', text)
+        ),
+    )
 
 
 def normalise_versions(messages: list[dict[str, t.Any]]) -> list[dict[str, t.Any]]:
@@ -116,6 +136,19 @@ def test_fast_path_matches_the_sdk_path(
     assert fast_writes == (250 if fast_allowed else 0)
     assert fast == slow
     assert sum(m["type"] == "RECORD" for m in fast) > 100
+
+
+def test_checkpoints_inside_a_page(server: InvocaServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A STATE every 37 records: the fast path cuts its 40-record pages where the SDK writes one.
+    monkeypatch.setattr(DestinationsStream, "STATE_MSG_FREQUENCY", 37)
+    config = config_for(server, page_size=40)
+    catalog = catalog_for(config, **{"forced-replication-method": "INCREMENTAL"})
+    fast, fast_writes = sync(config, catalog, monkeypatch, fast=True)
+    slow, _ = sync(config, catalog, monkeypatch, fast=False)
+    assert fast_writes == 250
+    assert normalise_signposts(fast) == normalise_signposts(slow)
+    kinds = "".join("R" if m["type"] == "RECORD" else m["type"][0] for m in fast)
+    assert kinds.startswith("S" + "R" * 37 + "S" + "R")  # the SDK's STATE, inside a page
 
 
 def test_deselected_columns(server: InvocaServer, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -173,10 +206,6 @@ def test_batch_messages_and_files(
     assert len(contents(fast)) == 250
 
     def others(messages: list[dict[str, t.Any]]) -> list[dict[str, t.Any]]:
-        # The signpost is the run's start time: equal in shape, not in value.
-        text = json.dumps([m for m in messages if m["type"] != "BATCH"])
-        return json.loads(
-            re.sub(r'"replication_key_signpost": "[^"]+"', '"replication_key_signpost": "S"', text)
-        )
+        return normalise_signposts([m for m in messages if m["type"] != "BATCH"])
 
     assert others(fast) == others(slow)
