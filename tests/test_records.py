@@ -7,7 +7,10 @@ import typing as t
 
 import pendulum
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from tap_invoca_destinations import records
 from tap_invoca_destinations.records import (
     COLUMNS,
     RecordShapeError,
@@ -185,3 +188,48 @@ def test_timestamp_output_is_an_instant_in_utc() -> None:
     parsed = dt.datetime.fromisoformat(out)
     assert parsed.utcoffset() == dt.timedelta(0)
     assert parsed == dt.datetime(2023, 10, 19, 10, 49, 21, tzinfo=dt.UTC)
+
+
+def _converted(value: str) -> str:
+    try:
+        return records.invoca_timestamp(value, 1, "updated_at")
+    except RecordShapeError as exc:
+        return f"error: {exc}"
+
+
+TWO_DIGITS = st.integers(min_value=0, max_value=99).map("{:02d}".format)
+INVOCA_FORM = st.builds(
+    "{}-{}-{} {}:{}:{} {}{}{}".format,
+    st.sampled_from(["2023", "2024", "0001", "9999"]),
+    st.sampled_from(["01", "02", "12", "13"]),
+    st.sampled_from(["01", "28", "29", "31", "32"]),
+    st.sampled_from(["00", "01", "17", "23", "24"]),
+    TWO_DIGITS,
+    TWO_DIGITS,
+    st.sampled_from("+-"),
+    st.sampled_from(["00", "05", "07", "14"]),
+    st.sampled_from(["00", "30", "45"]),
+)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(values=st.lists(INVOCA_FORM, min_size=1, max_size=30))
+def test_timestamps_convert_the_same_whatever_was_converted_before(values: list[str]) -> None:
+    # The cache of converted hours must change nothing: each value, converted after
+    # the others (warm), gives what it gives converted alone (cold), error included.
+    warm = [_converted(value) for value in values]
+    cold = []
+    for value in values:
+        records.UTC_HOURS.clear()
+        cold.append(_converted(value))
+    assert warm == cold
+    assert [_converted(value) for value in values] == cold
+
+
+def test_cached_hours_are_bounded() -> None:
+    records.UTC_HOURS.clear()
+    for hour in range(records.MAX_UTC_HOURS + 10):
+        day, hour_of_day = divmod(hour, 24)
+        moment = dt.datetime(2020, 1, 1, tzinfo=dt.UTC) + dt.timedelta(days=day, hours=hour_of_day)
+        records.invoca_timestamp(moment.strftime("%Y-%m-%d %H:%M:%S -0700"), 1, "updated_at")
+    assert 0 < len(records.UTC_HOURS) <= records.MAX_UTC_HOURS
