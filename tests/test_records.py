@@ -14,6 +14,7 @@ from tap_invoca_destinations import records
 from tap_invoca_destinations.records import (
     COLUMNS,
     RecordShapeError,
+    invoca_timestamp,
     shape_record,
     to_rfc3339_utc,
     unknown_fields,
@@ -190,9 +191,9 @@ def test_timestamp_output_is_an_instant_in_utc() -> None:
     assert parsed == dt.datetime(2023, 10, 19, 10, 49, 21, tzinfo=dt.UTC)
 
 
-def _converted(value: str) -> str:
+def _outcome(convert: t.Callable[[str, object, str], str], value: str) -> str:
     try:
-        return records.invoca_timestamp(value, 1, "updated_at")
+        return convert(value, 1, "updated_at")
     except RecordShapeError as exc:
         return f"error: {exc}"
 
@@ -203,33 +204,35 @@ INVOCA_FORM = st.builds(
     st.sampled_from(["2023", "2024", "0001", "9999"]),
     st.sampled_from(["01", "02", "12", "13"]),
     st.sampled_from(["01", "28", "29", "31", "32"]),
-    st.sampled_from(["00", "01", "17", "23", "24"]),
+    TWO_DIGITS,
     TWO_DIGITS,
     TWO_DIGITS,
     st.sampled_from("+-"),
-    st.sampled_from(["00", "05", "07", "14"]),
-    st.sampled_from(["00", "30", "45"]),
+    st.sampled_from(["00", "05", "07", "14", "23", "24"]),
+    st.sampled_from(["00", "30", "45", "60"]),
 )
 
 
-@settings(max_examples=400, deadline=None, derandomize=True)
+@settings(max_examples=500, deadline=None, derandomize=True)
 @given(values=st.lists(INVOCA_FORM, min_size=1, max_size=30))
-def test_timestamps_convert_the_same_whatever_was_converted_before(values: list[str]) -> None:
-    # The cache of converted hours must change nothing: each value, converted after
-    # the others (warm), gives what it gives converted alone (cold), error included.
-    warm = [_converted(value) for value in values]
+def test_invoca_timestamps_convert_as_the_general_path(values: list[str]) -> None:
+    # The quick conversion (by text, from dates seen before) gives what the general
+    # one gives, error included, whether the date was seen before (warm) or not (cold).
+    expected = [_outcome(records._to_timestamp, value) for value in values]  # noqa: SLF001
+    assert [_outcome(invoca_timestamp, value) for value in values] == expected
+    assert [_outcome(invoca_timestamp, value) for value in values] == expected
     cold = []
     for value in values:
-        records.UTC_HOURS.clear()
-        cold.append(_converted(value))
-    assert warm == cold
-    assert [_converted(value) for value in values] == cold
+        records.UTC_DAYS.clear()
+        cold.append(_outcome(invoca_timestamp, value))
+    assert cold == expected
 
 
-def test_cached_hours_are_bounded() -> None:
-    records.UTC_HOURS.clear()
-    for hour in range(records.MAX_UTC_HOURS + 10):
-        day, hour_of_day = divmod(hour, 24)
-        moment = dt.datetime(2020, 1, 1, tzinfo=dt.UTC) + dt.timedelta(days=day, hours=hour_of_day)
-        records.invoca_timestamp(moment.strftime("%Y-%m-%d %H:%M:%S -0700"), 1, "updated_at")
-    assert 0 < len(records.UTC_HOURS) <= records.MAX_UTC_HOURS
+def test_the_dates_kept_are_bounded() -> None:
+    records.UTC_DAYS.clear()
+    first = dt.date(2020, 1, 1)
+    for days in range(records.MAX_UTC_DAYS + 10):
+        day, next_day = first + dt.timedelta(days=days), first + dt.timedelta(days=days + 1)
+        utc = invoca_timestamp(f"{day} 20:00:00 -0700", 1, "c")
+        assert utc == f"{next_day}T03:00:00+00:00"
+    assert 0 < len(records.UTC_DAYS) <= records.MAX_UTC_DAYS
