@@ -90,7 +90,9 @@ class PageTransport:
         parts = urlsplit(self.url)
         self.path = parts.path  # the path only, for messages: never the query string
         self._target, self._query = parts.path or "/", parts.query
-        self._headers = t.cast("Mapping[str, str]", session.headers)  # str: the tap's own
+        self._session_headers = CaseInsensitiveDict(t.cast("Mapping[str, str]", session.headers))
+        # The last request headers given and what is sent for them: merged, checked.
+        self._sent: tuple[tuple[tuple[str, str], ...], Mapping[str, str]] = ((), {})
         self._retries = Retry(0, read=False)  # what HTTPAdapter passes: no retries at all
         self._refusal: str | None = None
         self.proxy: str | None = None
@@ -143,12 +145,14 @@ class PageTransport:
             return t.cast("urllib3.BaseHTTPResponse", response.raw)
         if self._refusal is not None:
             raise OSError(self._refusal)
-        merged: CaseInsensitiveDict[str] = CaseInsensitiveDict(
-            self._headers
-        )  # the session's, then the request's
-        merged.update(headers)
-        for header in merged.items():
-            check_header_validity(header)  # InvalidHeader, as requests raises it
+        given, sent = self._sent
+        if tuple(headers.items()) != given:  # the first request (the tap's headers never vary)
+            merged = self._session_headers.copy()  # the session's, then the request's
+            merged.update(headers)
+            for header in merged.items():
+                check_header_validity(header)  # InvalidHeader, as requests raises it
+            given, sent = tuple(headers.items()), merged
+            self._sent = given, sent
         query = encode_params(params)
         if self._query:
             query = f"{self._query}&{query}" if query else self._query
@@ -156,7 +160,7 @@ class PageTransport:
             return pool.urlopen(
                 "GET",
                 f"{self._target}?{query}" if query else self._target,
-                headers=merged,
+                headers=sent,
                 redirect=False,
                 assert_same_host=False,
                 preload_content=False,

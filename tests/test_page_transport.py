@@ -173,6 +173,17 @@ def test_the_request_is_the_one_the_session_sends(
     assert b"Authorization: tok-3f9\r\n" in new
 
 
+def test_headers_that_change_are_sent_as_changed(raw_server: Callable[..., RawServer]) -> None:
+    server = raw_server(answer_ok)
+    stream = stream_for(server.url)
+    params = params_of(stream)
+    for agent in ("first/1", "second/2", "first/1"):
+        headers = {**stream.http_headers, "User-Agent": agent}
+        stream.page_transport.get(params, headers, 5).read()
+    agents = [re.findall(rb"User-Agent: ([^\r]*)", head) for head in server.heads]
+    assert agents == [[b"first/1"], [b"second/2"], [b"first/1"]]
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     st.dictionaries(
