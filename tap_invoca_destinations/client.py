@@ -615,11 +615,13 @@ class InvocaStream(SeamStream):
 
     @cached_property
     def http_session(self) -> requests.Session:
-        """The session whose requests ``page_transport`` sends (itself, through a proxy).
+        """The session page requests are sent as: ``page_transport`` sends what it would.
 
+        Requests go through it only when a proxy applies (see ``PageTransport``).
         Connections are opened on demand, so a sync opens at most
-        ``max_concurrency`` of them; the pool keeps twice that many so requests
-        that were dropped (then finish) never make urllib3 discard connections.
+        ``max_concurrency`` of them; its pool, like ``page_transport``'s, keeps
+        twice that many so requests that were dropped (then finish) never make
+        urllib3 discard connections.
         """
         session = requests.Session()
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=2 * self.max_concurrency)

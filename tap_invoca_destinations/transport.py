@@ -143,8 +143,6 @@ class PageTransport:
                 stream=True,
             )
             return t.cast("urllib3.BaseHTTPResponse", response.raw)
-        if self._refusal is not None:
-            raise OSError(self._refusal)
         given, sent = self._sent
         if tuple(headers.items()) != given:  # the first request (the tap's headers never vary)
             merged = self._session_headers.copy()  # the session's, then the request's
@@ -153,6 +151,8 @@ class PageTransport:
                 check_header_validity(header)  # InvalidHeader, as requests raises it
             given, sent = tuple(headers.items()), merged
             self._sent = given, sent
+        if self._refusal is not None:  # after the header checks, as in requests
+            raise OSError(self._refusal)
         query = encode_params(params)
         if self._query:
             query = f"{self._query}&{query}" if query else self._query

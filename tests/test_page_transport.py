@@ -277,6 +277,15 @@ def test_an_invalid_header_value_fails_as_with_requests() -> None:
     assert type(new) is type(old)
 
 
+def test_an_invalid_header_comes_before_a_missing_ca_bundle_as_with_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/nonexistent")
+    old, new = both_ways(stream_for("https://127.0.0.1:9", user_agent="agent\nSECRET-ish"))
+    assert isinstance(new, requests.exceptions.InvalidHeader)
+    assert type(new) is type(old)
+
+
 URLOPEN_FAILURES: list[Exception] = [
     MaxRetryError(None, "/x", ConnectTimeoutError("timed out")),  # type: ignore[arg-type]
     MaxRetryError(None, "/x", NewConnectionError(None, "refused")),  # type: ignore[arg-type]
