@@ -45,6 +45,7 @@ from tap_invoca_destinations.paging import (
 )
 from tap_invoca_destinations.records import INT64_MAX, INT64_MIN, PageDecoder, as_int64
 from tap_invoca_destinations.sdk_seam import SeamStream
+from tap_invoca_destinations.transport import PageTransport
 
 if t.TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
@@ -273,18 +274,19 @@ class BodyBudget:
             self._used -= size
 
 
-def _too_big(response: requests.Response, what: str, records: int) -> InvocaError:
+def _too_big(response: urllib3.BaseHTTPResponse, path: str, what: str, records: int) -> InvocaError:
     encoding = response.headers.get("Content-Encoding", "").strip()
     body = f"the {encoding}-compressed body inflated" if encoding else "the body grew"
     return InvocaError(
-        f"HTTP {response.status_code} for GET {urlparse(response.url).path}: {body} past "
+        f"HTTP {response.status} for GET {path}: {body} past "
         f"{what}, far more than the {records} destinations asked for need; Invoca sent "
         "something other than a page"
     )
 
 
 def read_body(  # noqa: PLR0913 - the request's deadline and bounds
-    response: requests.Response,
+    response: urllib3.BaseHTTPResponse,
+    path: str,
     deadline: float,
     abandoned: threading.Event,
     timeout: float,
@@ -303,23 +305,23 @@ def read_body(  # noqa: PLR0913 - the request's deadline and bounds
         InvocaError: If the body passes either bound.
     """
     limit = body_limit(records)
-    inflater = body_inflater(response)
+    inflater = body_inflater(response, path)
     chunks = []
     size = 0
     try:
         # Raw bytes, inflated here with a bound on each step: urllib3 would inflate a
         # whole network read at once (256 KiB of gzip can hold 256 MB).
-        while raw := response.raw.read1(READ_CHUNK, decode_content=False):
+        while raw := response.read1(READ_CHUNK, decode_content=False):
             while raw:
                 if inflater is None:
                     chunk, raw = raw, b""
                 else:
                     chunk, raw = inflater.inflate(raw, max(limit - size, 0) + 1)
                 if size + len(chunk) > limit:
-                    raise _too_big(response, f"{limit:,} bytes", records)
+                    raise _too_big(response, path, f"{limit:,} bytes", records)
                 if budget is not None and not budget.take(len(chunk)):
                     what = f"{budget.limit:,} bytes with the other responses being read"
-                    raise _too_big(response, what, records)
+                    raise _too_big(response, path, what, records)
                 chunks.append(chunk)
                 size += len(chunk)
             if abandoned.is_set() or time.monotonic() > deadline:
@@ -327,7 +329,7 @@ def read_body(  # noqa: PLR0913 - the request's deadline and bounds
                 raise requests.exceptions.ReadTimeout(msg)
         rest = inflater.finish() if inflater is not None else b""
         if size + len(rest) > limit or (budget is not None and not budget.take(len(rest))):
-            raise _too_big(response, f"{limit:,} bytes", records)
+            raise _too_big(response, path, f"{limit:,} bytes", records)
         size += len(rest)
         return b"".join([*chunks, rest])
     finally:
@@ -356,7 +358,7 @@ class Inflater:
         return self._member.flush()
 
 
-def body_inflater(response: requests.Response) -> Inflater | None:
+def body_inflater(response: urllib3.BaseHTTPResponse, path: str) -> Inflater | None:
     """An inflater for the body's ``Content-Encoding``, or None for an identity body.
 
     Raises:
@@ -368,7 +370,7 @@ def body_inflater(response: requests.Response) -> Inflater | None:
     if encoding in {"gzip", "x-gzip", "deflate"}:
         return Inflater()
     msg = (
-        f"HTTP {response.status_code} for GET {urlparse(response.url).path}: the body is "
+        f"HTTP {response.status} for GET {path}: the body is "
         f"{encoding}-compressed, which the tap did not ask for (it asks for gzip or deflate)"
     )
     raise InvocaError(msg)
@@ -582,6 +584,7 @@ class InvocaStream(SeamStream):
         self._window: PrefetchWindow[Page] | None = None
         self._adaptive: AdaptiveWindow | None = None
         self._request_counter: metrics.Counter | None = None
+        self._transport: PageTransport | None = None
         self.page_decoder: PageDecoder | None = None  # set by a stream whose records it knows
 
     @property
@@ -612,11 +615,13 @@ class InvocaStream(SeamStream):
 
     @cached_property
     def http_session(self) -> requests.Session:
-        """The session of every request: a pooled connection per concurrent page.
+        """The session page requests are sent as: ``page_transport`` sends what it would.
 
+        Requests go through it only when a proxy applies (see ``PageTransport``).
         Connections are opened on demand, so a sync opens at most
-        ``max_concurrency`` of them; the pool keeps twice that many so requests
-        that were dropped (then finish) never make urllib3 discard connections.
+        ``max_concurrency`` of them; its pool, like ``page_transport``'s, keeps
+        twice that many so requests that were dropped (then finish) never make
+        urllib3 discard connections.
         """
         session = requests.Session()
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=2 * self.max_concurrency)
@@ -628,6 +633,16 @@ class InvocaStream(SeamStream):
         )
         session.auth = TokenAuth(self.config["api_token"])  # never ~/.netrc's Basic auth
         return session
+
+    @property
+    def page_transport(self) -> PageTransport:
+        """What sends every page request: built once, by whichever thread asks first."""
+        with self._lock:
+            if self._transport is None:
+                self._transport = PageTransport(
+                    self.http_session, self.get_url(None), 2 * self.max_concurrency
+                )
+            return self._transport
 
     @cached_property
     def secrets(self) -> tuple[str, ...]:
@@ -707,17 +722,12 @@ class InvocaStream(SeamStream):
     ) -> Reply:
         began = time.monotonic()
         timeout = max(deadline - began, 0.001)
-        response = self.http_session.get(
-            self.get_url(None),
-            params=params,
-            headers=self.http_headers,
-            timeout=(timeout, timeout),
-            allow_redirects=False,
-            stream=True,
-        )
+        transport = self.page_transport
+        response = transport.get(params, self.http_headers, timeout)
         try:
             body = read_body(
                 response,
+                transport.path,
                 deadline,
                 abandoned,
                 self.timeout,
@@ -725,12 +735,13 @@ class InvocaStream(SeamStream):
                 budget=self.body_budget,
             )
         except BaseException:
-            response.close()  # the connection is unusable: not back to the pool
+            response.close()  # the connection is unusable: closed before its slot is given back
+            response.release_conn()
             raise
         reply = Reply(
-            status=response.status_code,
+            status=response.status,
             reason=response.reason or "",
-            path=urlparse(response.url).path,
+            path=transport.path,
             headers=response.headers,
             body=body,
             seconds=time.monotonic() - began,

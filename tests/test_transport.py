@@ -22,35 +22,13 @@ from tap_invoca_destinations.client import BodyBudget, Inflater, retry_after_sec
 from tap_invoca_destinations.paging import RetryPolicy
 
 if t.TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
 
 TAP = str(Path(sys.executable).parent / "tap-invoca-destinations")
 MIB = 1024 * 1024
 
 
 # --- ~/.netrc never replaces the token ----------------------------------------
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """A self-signed certificate for 127.0.0.1: (certfile, keyfile)."""
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
-         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    return str(cert), str(key)
-
-
-@pytest.fixture
-def tls_server(certificate: tuple[str, str]) -> Iterator[InvocaServer]:
-    """The local server over HTTPS (so requests trusts the environment, ~/.netrc included)."""
-    server = InvocaServer(60).use_tls(*certificate).start()
-    yield server
-    server.stop()
 
 
 def test_a_netrc_entry_for_the_host_never_replaces_the_token(
