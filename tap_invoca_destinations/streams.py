@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import sys
 import typing as t
 
@@ -145,12 +144,6 @@ class DestinationsStream(InvocaStream):
                 records = [r for r in records if (u := r["updated_at"]) is None or u >= since]
             return records
 
-        def shape_or_none(raw: t.Any) -> dict[str, t.Any] | None:  # noqa: ANN401
-            try:
-                return shape(raw, network_id)
-            except RecordShapeError:
-                return None
-
         for raw_records in self.iter_pages():
             self.time_extracted = dt.datetime.now(dt.UTC).isoformat()
             # A typed page was decoded strictly: it has no field we do not know (records.py).
@@ -160,8 +153,7 @@ class DestinationsStream(InvocaStream):
                 records = [shape(raw, network_id) for raw in raw_records]
             except RecordShapeError as exc:
                 # The records before the bad one still go out, as they would one by one.
-                records = list(itertools.takewhile(bool, map(shape_or_none, raw_records)))
-                yield filtered(records)
+                yield filtered(_shaped_until_failure(shape, raw_records, network_id))
                 raise InvocaError(str(exc)) from exc
             if records := filtered(records):
                 yield records
@@ -261,6 +253,19 @@ class DestinationsStream(InvocaStream):
                 "Invoca sent field(s) this tap does not know; they are not emitted: %s",
                 ", ".join(listed),
             )
+
+
+def _shaped_until_failure(
+    shape: t.Callable[[t.Any, str], dict[str, t.Any]], raws: list[t.Any], network_id: str
+) -> list[dict[str, t.Any]]:
+    """The records shaped before the first one that cannot be."""
+    records = []
+    for raw in raws:
+        try:
+            records.append(shape(raw, network_id))
+        except RecordShapeError:
+            break
+    return records
 
 
 def _utc_text(moment: dt.datetime) -> str:
