@@ -444,6 +444,8 @@ class Source:
         count = 0
         running = False
         for records in stream.pages_for_another_front_end():
+            if not records:
+                continue
             if not running:
                 running = True
                 self.emit(status_message("RUNNING"))

@@ -153,7 +153,8 @@ class DestinationsStream(InvocaStream):
                 records = [shape(raw, network_id) for raw in raw_records]
             except RecordShapeError as exc:
                 # The records before the bad one still go out, as they would one by one.
-                yield filtered(_shaped_until_failure(shape, raw_records, network_id))
+                if before := filtered(_shaped_until_failure(shape, raw_records, network_id)):
+                    yield before
                 raise InvocaError(str(exc)) from exc
             if records := filtered(records):
                 yield records

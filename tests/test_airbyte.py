@@ -337,6 +337,27 @@ def test_failures_are_one_trace_error_of_the_right_type(  # noqa: PLR0913, PLR09
     assert not [m for m in messages if m["type"] == "STATE"]
 
 
+@pytest.mark.parametrize("bad", [0, 30])
+def test_running_is_reported_only_once_a_record_is_out(
+    tmp_path: Path, make_server: Factory, bad: int
+) -> None:
+    server = make_server(250)
+    victim = server.ids()[bad]
+    wire = server.wire_record(victim)
+    wire["dynamic_number_pool"] = {"max_pool_size": "twelve"}
+    server.set_wire(victim, wire)
+    run = AIRBYTE.run(tmp_path, config_for(server, page_size=50, max_concurrency=1))
+    statuses = [
+        m["trace"]["stream_status"]["status"]
+        for m in run.messages
+        if m["type"] == "TRACE" and m["trace"]["type"] == "STREAM_STATUS"
+    ]
+    assert run.returncode == 1
+    assert sum(m["type"] == "RECORD" for m in run.messages) == bad  # those before the bad one
+    running = ["RUNNING"] if bad else []
+    assert statuses == ["STARTED", *running, "INCOMPLETE"]
+
+
 @pytest.mark.parametrize(
     ("state", "needle"),
     [
