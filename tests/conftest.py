@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import compileall
 import logging
 import os
 import typing as t
 
 import pytest
 from frontends import FRONTENDS, Frontend
-from helpers import ENV_PREFIX
+from helpers import ENV_PREFIX, ROOT
 from invoca_server import Faults, InvocaServer
 
 from tap_invoca_destinations.tap import RedactSecret
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Compile the package's bytecode once, before any worker starts.
+
+    Where PYTHONDONTWRITEBYTECODE is set (as on CI's machines) nothing writes the
+    bytecode of the package, which is installed editable from this checkout, so
+    every CLI run of the tap (hundreds per run of the suite, Meltano's included)
+    would compile it again. Files already compiled are skipped; each Python
+    writes its own (cpython-3XX) files.
+    """
+    if not hasattr(config, "workerinput"):  # the controller (or a run without xdist)
+        compileall.compile_dir(ROOT / "tap_invoca_destinations", quiet=1)
 
 
 @pytest.fixture
