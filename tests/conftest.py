@@ -28,6 +28,7 @@ def pytest_configure(config: pytest.Config) -> None:
         compileall.compile_dir(ROOT / "tap_invoca_destinations", quiet=1)
 
 
+@pytest.hookimpl(optionalhook=True)  # PyAirbyte's environment (nox -s pyairbyte) has no xdist
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:  # noqa: ARG001 - the hook's signature
     """`-n auto`: one worker more than the cores, unless PYTEST_XDIST_AUTO_NUM_WORKERS says.
 
