@@ -48,11 +48,13 @@ def _expose_pyenv_pythons() -> None:
     pyenv's shims answer only for the selected version, so nox would not find the
     others. A folder of ``python3.X`` links (nothing else: ``python3`` keeps
     meaning what it meant) is put at the front of PATH.
+
+    Several nox processes may start at once (scripts/test runs sessions side by
+    side), so a link is replaced atomically and never missing while it is wanted.
     """
     pyenv_root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
     links = ROOT / ".nox" / "_pythons"
-    for stale in links.glob("python*"):
-        stale.unlink()
+    wanted: set[str] = set()
     for minor in PYTHONS:
         candidates = sorted(
             (pyenv_root / "versions").glob(f"{minor}.*/bin/python{minor}"),
@@ -61,7 +63,15 @@ def _expose_pyenv_pythons() -> None:
         if not candidates:
             continue
         links.mkdir(parents=True, exist_ok=True)
-        (links / f"python{minor}").symlink_to(candidates[-1])
+        link = links / f"python{minor}"
+        wanted.add(link.name)
+        fresh = links / f".python{minor}.{os.getpid()}"
+        fresh.unlink(missing_ok=True)
+        fresh.symlink_to(candidates[-1])
+        fresh.replace(link)
+    for stale in links.glob("python*"):
+        if stale.name not in wanted:
+            stale.unlink(missing_ok=True)
     if links.is_dir():
         os.environ["PATH"] = f"{links}{os.pathsep}{os.environ.get('PATH', '')}"
 

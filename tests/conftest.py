@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import compileall
 import logging
 import os
 import subprocess
@@ -9,10 +10,36 @@ import typing as t
 
 import pytest
 from frontends import FRONTENDS, Frontend
-from helpers import ENV_PREFIX
+from helpers import ENV_PREFIX, ROOT
 from invoca_server import Faults, InvocaServer
 
 from tap_invoca_destinations.tap import RedactSecret
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Compile the package's bytecode once, before any worker starts.
+
+    Where PYTHONDONTWRITEBYTECODE is set (as on CI's machines) nothing writes the
+    bytecode of the package, which is installed editable from this checkout, so
+    every CLI run of the tap (hundreds per run of the suite, Meltano's included)
+    would compile it again. Files already compiled are skipped; each Python
+    writes its own (cpython-3XX) files.
+    """
+    if not hasattr(config, "workerinput"):  # the controller (or a run without xdist)
+        compileall.compile_dir(ROOT / "tap_invoca_destinations", quiet=1)
+
+
+@pytest.hookimpl(optionalhook=True)  # PyAirbyte's environment (nox -s pyairbyte) has no xdist
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:  # noqa: ARG001 - the hook's signature
+    """`-n auto`: one worker more than the cores, unless PYTEST_XDIST_AUTO_NUM_WORKERS says.
+
+    Most tests spend most of their time waiting (on the tap's sockets and clocks,
+    on a grace period, on Meltano's subprocesses), so a worker per core leaves
+    the cores idle a good part of the run; the extra worker fills those gaps.
+    """
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # pytest-xdist's own hook reads it
+    return len(os.sched_getaffinity(0)) + 1
 
 
 @pytest.fixture

@@ -441,7 +441,11 @@ class InvocaServer:
 
     def start(self) -> Self:
         """Serve in a background thread."""
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        # A short poll: stop() (shutdown) waits for the serving loop to look at its
+        # flag, every poll_interval (0.5 s by default, half of it per test on average).
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
+        )
         self._thread.start()
         return self
 
