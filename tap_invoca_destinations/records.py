@@ -77,14 +77,15 @@ _ISO_FORM = re.compile(
     r"|[0-9]{8}(?:T[0-9]{4}(?:[0-9]{2}(?:[.,][0-9]{1,9})?)?" + _ISO_OFFSET + r")?)\Z"
 )
 _OFFSETS: dict[str, dt.timedelta] = {}  # "-0700" -> timedelta, filled as seen
-# "2024-03-05 -0700" (a local date and a whole-hour offset) -> the day before, the day
-# and the day after, and the offset in hours: a timestamp of that date and offset is
-# then converted to UTC by text alone. Filled as seen: a list's timestamps share dates.
+# "2024-03-05 -0700" (a local date and an offset) -> the day before, the day and the
+# day after, and the offset in minutes: a timestamp of that date and offset is then
+# converted to UTC by text alone. Filled as seen: a list's timestamps share dates.
 UTC_DAYS: dict[str, tuple[str | None, str, str | None, int] | tuple[()]] = {}
 MAX_UTC_DAYS = 4096
-_SIXTY = frozenset(f"{n:02d}" for n in range(60))  # valid minutes and seconds
-_HOUR_OF = {f"{n:02d}": n for n in range(24)}
-_HOUR_TEXT = tuple(_HOUR_OF)
+_DAY = 24 * 60  # minutes
+_CLOCK = tuple(f"{m // 60:02d}:{m % 60:02d}" for m in range(_DAY))  # "HH:MM" of each minute
+_MINUTE_OF_DAY = {clock: minute for minute, clock in enumerate(_CLOCK)}
+_SIXTY = frozenset(f"{n:02d}" for n in range(60))  # valid seconds
 _TRUE = frozenset({"true", "t", "1", "yes"})
 _FALSE = frozenset({"false", "f", "0", "no"})
 _INTEGER_STRING = re.compile(r"[+-]?[0-9]+\Z")  # ASCII: int() and \d take any script's digits
@@ -435,13 +436,13 @@ def invoca_timestamp(value: str, record_id: object, column: str) -> str:
             if len(UTC_DAYS) >= MAX_UTC_DAYS:
                 UTC_DAYS.clear()
             day = UTC_DAYS[key] = _utc_day(value)
-        hour = _HOUR_OF.get(value[11:13])
-        if day and hour is not None and value[14:16] in _SIXTY and value[17:19] in _SIXTY:
+        minute = _MINUTE_OF_DAY.get(value[11:16])  # "HH:MM", checked
+        if day and minute is not None and value[17:19] in _SIXTY:
             before, same, after, shift = day
-            hour -= shift
-            date = same if 0 <= hour < 24 else before if hour < 0 else after  # noqa: PLR2004
+            minute -= shift
+            date = same if 0 <= minute < _DAY else before if minute < 0 else after
             if date is not None:
-                return f"{date}T{_HOUR_TEXT[hour % 24]}{value[13:19]}+00:00"
+                return f"{date}T{_CLOCK[minute % _DAY]}{value[16:19]}+00:00"
     return _to_timestamp(value, record_id, column)
 
 
@@ -452,9 +453,6 @@ def _utc_day(value: str) -> tuple[str | None, str, str | None, int] | tuple[()]:
         local = dt.date.fromisoformat(value[:10])
     except ValueError:
         return ()  # _to_timestamp says why
-    hours, rest = divmod(int(shift.total_seconds()), 3600)
-    if rest:
-        return ()  # minutes in the offset: the general conversion
 
     def day(days: int) -> str | None:
         try:
@@ -462,7 +460,7 @@ def _utc_day(value: str) -> tuple[str | None, str, str | None, int] | tuple[()]:
         except OverflowError:
             return None
 
-    return (day(-1), local.isoformat(), day(1), hours)
+    return (day(-1), local.isoformat(), day(1), int(shift.total_seconds()) // 60)
 
 
 def _shaper_source() -> str:
