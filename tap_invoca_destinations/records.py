@@ -81,7 +81,7 @@ _OFFSETS: dict[str, dt.timedelta] = {}  # "-0700" -> timedelta, filled as seen
 # day after, and the offset in minutes: a timestamp of that date and offset is then
 # converted to UTC by text alone. Filled as seen: a list's timestamps share dates.
 UTC_DAYS: dict[str, tuple[str | None, str, str | None, int] | tuple[()]] = {}
-MAX_UTC_DAYS = 4096
+MAX_UTC_DAYS = 1024  # ~0.4 MB at most
 _DAY = 24 * 60  # minutes
 _CLOCK = tuple(f"{m // 60:02d}:{m % 60:02d}" for m in range(_DAY))  # "HH:MM" of each minute
 _MINUTE_OF_DAY = {clock: minute for minute, clock in enumerate(_CLOCK)}
