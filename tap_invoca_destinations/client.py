@@ -904,12 +904,8 @@ class InvocaStream(SeamStream):
             try:
                 for request in pager.plan(adaptive.size):
                     window.submit(request)
-                read_from = None
                 while len(window):
-                    if read_from is not None:  # the reader's time on the previous page
-                        adaptive.read(time.monotonic() - read_from)
                     _, page = window.pop()
-                    read_from = time.monotonic()
                     step = feed_pager(pager, page)
                     if step.discard:
                         window.discard()

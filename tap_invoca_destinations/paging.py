@@ -575,18 +575,10 @@ class AdaptiveWindow:
       Trouble reported for requests sent before the last cut is not counted
       again: the pages of one crowded moment halve the window once, not once each.
 
-    - Once the reader reports how long it spends on a page (``read``), a page whose
-      wait was hidden by the reader's work on the pages ahead of it (at most
-      ``size - 1`` pages' reading) does not widen the window, and one that would
-      still be hidden with a page less narrows it (not below ``MIN_HIDING``):
-      against a quick server, more requests in flight only cost threads and CPU.
-
     Thread-safe; no I/O. ``sent`` returns a ticket for ``prompt``/``trouble``.
     """
 
     PROMPT_FACTOR = 2.0
-    MIN_HIDING = 2  # the narrowest a hidden wait makes the window
-    READ_WEIGHT = 0.2  # of the newest page in the reader's moving average
 
     def __init__(self, start: int, ceiling: int) -> None:
         """Start at ``start`` pages in flight, never more than ``ceiling``."""
@@ -595,35 +587,18 @@ class AdaptiveWindow:
         self.cap = self.ceiling  # lowered by trouble
         self.quickest: float | None = None
         self.cuts = 0  # how many times trouble halved the window
-        self.reading: float | None = None  # the reader's seconds per page, a moving average
         self._lock = threading.Lock()
-
-    def read(self, seconds: float) -> None:
-        """The reader spent ``seconds`` on a page (not waiting for it)."""
-        with self._lock:
-            reading = self.reading
-            self.reading = (
-                seconds if reading is None else reading + self.READ_WEIGHT * (seconds - reading)
-            )
 
     def sent(self) -> int:
         """Note a request being sent; return its ticket."""
         return self.cuts
 
     def prompt(self, ticket: int, seconds: float) -> int | None:  # noqa: ARG002 - symmetry with trouble
-        """A page came back in ``seconds`` without trouble; return the new size if it changed."""
+        """A page came back in ``seconds`` without trouble; return the new size if it grew."""
         with self._lock:
             if self.quickest is None or seconds < self.quickest:
                 self.quickest = seconds
-            if seconds > self.PROMPT_FACTOR * self.quickest:
-                return None
-            reading = self.reading
-            if reading is not None and seconds <= (self.size - 1) * reading:
-                if seconds <= (self.size - 2) * reading and self.size > self.MIN_HIDING:
-                    self.size -= 1
-                    return self.size
-                return None
-            if self.size >= self.cap:
+            if seconds > self.PROMPT_FACTOR * self.quickest or self.size >= self.cap:
                 return None
             self.size += 1
             return self.size

@@ -191,7 +191,6 @@ class TapInvocaDestinations(SeamTap):
             title="Max concurrency",
             description="Ceiling on page requests in flight (1 turns prefetching off). The "
             "window starts at 4 (or this, if lower), widens while pages come back promptly, "
-            "narrows (not below 2) while the tap's own work hides their wait, "
             "halves on 429, 5xx or a timeout and then stays below the size that met trouble. "
             "8 by default: Invoca does not document its rate limits, so the tap asks for no "
             "more than a browser's handful of connections per host, and backs off on its own.",

@@ -96,50 +96,6 @@ def test_the_window_grows_only_on_prompt_pages(
             assert grew is None
 
 
-@PROPERTY
-@given(
-    start=st.integers(1, 16),
-    ceiling=st.integers(1, 16),
-    readings=st.lists(st.floats(min_value=0.0001, max_value=1), min_size=1, max_size=5),
-    latencies=st.lists(st.floats(min_value=0.001, max_value=10), min_size=1, max_size=40),
-)
-def test_a_wait_the_reader_hides_never_widens_the_window(
-    start: int, ceiling: int, readings: list[float], latencies: list[float]
-) -> None:
-    window = AdaptiveWindow(start, ceiling)
-    for reading in readings:
-        window.read(reading)
-    reading = t.cast("float", window.reading)
-    assert min(readings) <= reading <= max(readings)  # a moving average of what was read
-    for seconds in latencies:
-        before = window.size
-        quickest = min(seconds, window.quickest or seconds)
-        changed = window.prompt(window.sent(), seconds)
-        assert changed == (window.size if window.size != before else None)
-        if seconds > AdaptiveWindow.PROMPT_FACTOR * quickest:
-            assert window.size == before  # a slow page changes nothing
-        elif seconds <= (before - 1) * reading:  # hidden behind the pages ahead of it
-            narrower = seconds <= (before - 2) * reading and before > AdaptiveWindow.MIN_HIDING
-            assert window.size == (before - 1 if narrower else before)
-        else:
-            assert window.size == min(before + 1, max(window.cap, before))
-        assert 1 <= window.size <= max(ceiling, 1)
-
-
-def test_a_quick_server_and_a_busy_reader_settle_the_window_at_two() -> None:
-    window = AdaptiveWindow(4, 8)
-    window.read(0.002)  # the reader spends 2 ms on a page
-    sizes = []
-    for _ in range(20):
-        window.prompt(window.sent(), 0.001)  # pages come back in 1 ms
-        sizes.append(window.size)
-    assert sizes[:2] == [3, 2]
-    assert set(sizes[2:]) == {AdaptiveWindow.MIN_HIDING}
-    for _ in range(20):  # a reader that got quick: the waits are no longer hidden
-        window.read(0.0001)
-    assert window.prompt(window.sent(), 0.001) == AdaptiveWindow.MIN_HIDING + 1
-
-
 def test_a_slow_page_does_not_widen_the_window() -> None:
     window = AdaptiveWindow(4, 8)
     window.prompt(window.sent(), 0.030)
