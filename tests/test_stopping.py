@@ -105,14 +105,15 @@ def test_signal_mid_sync_with_a_slow_target(  # noqa: PLR0913 - fixtures and par
 def test_signal_with_slow_requests_in_flight_stops_within_seconds(
     tmp_path: Path, make_server: Callable[..., InvocaServer], frontend: Frontend
 ) -> None:
-    # Every request after the first takes 15 s: the sync is waiting on them.
-    server = make_server(2_000, faults=Faults(slow_every=1, slow_seconds=15))
-    server.faults.slow_every = 0
+    # Every page after the first takes 15 s: the sync is waiting on them. (By offset,
+    # not by flipping a fault once the tap is up: a quick tap could read the whole
+    # list before the flip.)
+    faults = Faults(slow_starts=tuple(range(99, 2_000, 100)), slow_seconds=15)
+    server = make_server(2_000, faults=faults)
     with frontend.start(tmp_path, config_for(server, page_size=100), {}) as process:
         assert process.stdout is not None
         first = process.stdout.readline()  # SCHEMA (Airbyte: STARTED): the tap is up
         assert json.loads(first)["type"] == ("TRACE" if frontend.airbyte else "SCHEMA")
-        server.faults.slow_every = 1
         deadline = time.monotonic() + 20
         while server.stats.in_flight == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
