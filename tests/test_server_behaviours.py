@@ -302,8 +302,9 @@ def test_loopback_http_never_goes_through_a_proxy(tmp_path: Path, make_server: F
 
 
 def test_the_pool_holds_max_concurrency_connections(tmp_path: Path, make_server: Factory) -> None:
+    # 150 pages: enough prompt ones for the window to reach 8 on a loaded machine too.
     server = make_server(3000, faults=Faults(latency_ms=40))
-    run = run_cli(tmp_path, config_for(server, max_concurrency=8))
+    run = run_cli(tmp_path, config_for(server, max_concurrency=8, page_size=20))
     assert run.returncode == 0, run.stderr
     assert len(run.records) == 3000
     assert server.stats.max_in_flight == 8
