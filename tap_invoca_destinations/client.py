@@ -6,6 +6,7 @@ how long to wait before a retry); this module does the HTTP around them.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import email.utils
 import ipaddress
@@ -795,9 +796,11 @@ class InvocaStream(SeamStream):
         while True:
             attempt += 1
             adaptive = self._adaptive
-            ticket = adaptive.sent() if adaptive is not None else 0
+            slot = adaptive.slot(cancel) if adaptive is not None else contextlib.nullcontext(0)
+            ticket = 0
             try:
-                reply = self.send(params)
+                with slot as ticket:
+                    reply = self.send(params)
                 check_status(reply)
                 page = decode_page(reply, self.page_decoder)
             except RetriableReply as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import itertools
 import math
 import queue
@@ -574,8 +575,11 @@ class AdaptiveWindow:
       N requests in flight settles the window at or below N after a few 429s.
       Trouble reported for requests sent before the last cut is not counted
       again: the pages of one crowded moment halve the window once, not once each.
+    - ``slot`` keeps the requests on the wire within the window: after a cut, the
+      retries of a crowded moment wait for its other requests to come back rather
+      than crowd the server again.
 
-    Thread-safe; no I/O. ``sent`` returns a ticket for ``prompt``/``trouble``.
+    Thread-safe; no I/O. ``sent`` (or ``slot``) returns a ticket for ``prompt``/``trouble``.
     """
 
     PROMPT_FACTOR = 2.0
@@ -587,11 +591,34 @@ class AdaptiveWindow:
         self.cap = self.ceiling  # lowered by trouble
         self.quickest: float | None = None
         self.cuts = 0  # how many times trouble halved the window
+        self.on_the_wire = 0  # requests inside ``slot``
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
 
     def sent(self) -> int:
         """Note a request being sent; return its ticket."""
         return self.cuts
+
+    @contextlib.contextmanager
+    def slot(self, cancel: threading.Event) -> t.Iterator[int]:
+        """Wait until fewer than ``size`` requests are on the wire, hold a place; yield a ticket.
+
+        Raises:
+            Cancelled: If ``cancel`` is set while waiting.
+        """
+        with self._room:
+            while self.on_the_wire >= self.size:
+                if cancel.is_set():
+                    raise Cancelled
+                self._room.wait(0.05)  # also wakes on a cancel nobody notifies us of
+            self.on_the_wire += 1
+            ticket = self.cuts
+        try:
+            yield ticket
+        finally:
+            with self._room:
+                self.on_the_wire -= 1
+                self._room.notify()
 
     def prompt(self, ticket: int, seconds: float) -> int | None:  # noqa: ARG002 - symmetry with trouble
         """A page came back in ``seconds`` without trouble; return the new size if it grew."""
@@ -601,6 +628,7 @@ class AdaptiveWindow:
             if seconds > self.PROMPT_FACTOR * self.quickest or self.size >= self.cap:
                 return None
             self.size += 1
+            self._room.notify()
             return self.size
 
     def trouble(self, ticket: int) -> int | None:

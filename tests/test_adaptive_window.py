@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import typing as t
 
@@ -10,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from invoca_server import Faults
 
-from tap_invoca_destinations.paging import AdaptiveWindow, DaemonPool
+from tap_invoca_destinations.paging import AdaptiveWindow, Cancelled, DaemonPool
 
 if t.TYPE_CHECKING:
     from pathlib import Path
@@ -102,6 +103,97 @@ def test_a_slow_page_does_not_widen_the_window() -> None:
     assert window.size == 5
     assert window.prompt(window.sent(), 0.070) is None  # more than twice the quickest
     assert window.size == 5
+
+
+# One step on the slots: ("enter", 0), ("leave", k) for the k-th held slot, ("grow", 0), ("cut", 0).
+SLOT_STEPS = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from(["enter", "grow", "cut"]), st.just(0)),
+        st.tuples(st.just("leave"), st.integers(0, 20)),
+    ),
+    max_size=80,
+)
+
+
+@PROPERTY
+@given(start=st.integers(1, 8), ceiling=st.integers(1, 12), steps=SLOT_STEPS)
+def test_a_slot_is_given_only_while_fewer_than_size_requests_are_on_the_wire(
+    start: int, ceiling: int, steps: list[tuple[str, int]]
+) -> None:
+    window = AdaptiveWindow(start, ceiling)
+    at_once = threading.Event()
+    at_once.set()  # a set cancel turns "wait for room" into "enter now or raise"
+    held: list[contextlib.AbstractContextManager[int]] = []
+    for kind, k in steps:
+        if kind == "enter":
+            room = len(held) < window.size
+            slot = window.slot(at_once)
+            try:
+                assert slot.__enter__() == window.cuts
+            except Cancelled:
+                assert not room
+            else:
+                assert room
+                held.append(slot)
+        elif kind == "leave" and held:
+            held.pop(k % len(held)).__exit__(None, None, None)
+        elif kind == "grow":
+            window.prompt(window.sent(), window.quickest or 0.001)
+        elif kind == "cut":
+            window.trouble(window.sent())
+        assert window.on_the_wire == len(held)
+
+
+def test_after_a_cut_a_slot_waits_for_the_crowd_to_come_back() -> None:
+    window = AdaptiveWindow(4, 8)
+    never = threading.Event()
+    with contextlib.ExitStack() as crowd:
+        slots = [crowd.enter_context(window.slot(never)) for _ in range(4)]
+        assert slots == [0, 0, 0, 0]
+        entered = threading.Event()
+
+        def retry() -> None:
+            with window.slot(never):
+                entered.set()
+
+        waiter = threading.Thread(target=retry)
+        waiter.start()
+        assert not entered.wait(0.2)  # four on the wire, window of four
+        assert window.trouble(0) == 2
+        crowd.close()  # all four come back
+        waiter.join(5)
+        assert entered.is_set()
+    assert window.on_the_wire == 0
+
+
+def test_a_slot_opens_when_the_window_grows_and_a_cancel_ends_the_wait() -> None:
+    window = AdaptiveWindow(1, 4)
+    cancel = threading.Event()
+    outcome: list[str] = []
+
+    def wait_for_a_slot() -> None:
+        try:
+            with window.slot(cancel):
+                outcome.append("entered")
+        except Cancelled:
+            outcome.append("cancelled")
+
+    with window.slot(cancel):
+        first = threading.Thread(target=wait_for_a_slot)
+        first.start()
+        first.join(0.2)
+        assert outcome == []
+        window.prompt(window.sent(), 0.01)  # the window grows to 2: room for one more
+        first.join(5)
+        assert outcome == ["entered"]
+        window.trouble(window.sent())  # back to 1, with one on the wire
+        second = threading.Thread(target=wait_for_a_slot)
+        second.start()
+        second.join(0.2)
+        assert outcome == ["entered"]
+        cancel.set()
+        second.join(5)
+        assert outcome == ["entered", "cancelled"]
 
 
 # --- end to end: a server that throttles above N requests in flight -------------------
