@@ -897,7 +897,7 @@ class InvocaStream(SeamStream):
             self.server_date_at_start = None
             self._got_reply = False
             self.request_count = self.retry_count = 0
-        window: PrefetchWindow[Page] = PrefetchWindow(self.fetch_page, self.max_concurrency)
+        window: PrefetchWindow[Page] = PrefetchWindow(self.fetch_page)
         adaptive = AdaptiveWindow(start=WINDOW_START, ceiling=self.max_concurrency)
         self._window, self._adaptive = window, adaptive
         began = last_progress = time.monotonic()

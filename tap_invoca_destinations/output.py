@@ -160,6 +160,7 @@ class BufferedSingerWriter(GenericSingerWriter[bytes, Message]):
         self._pipe = False  # it is a pipe or a socket
         self._room: _PipeRoom | None = None
         self._encoder = msgspec.json.Encoder(enc_hook=_encode_other)
+        self._placeholder = self._encoder.encode(RECORD_PLACEHOLDER)
         self._pending = bytearray()
         self._writing = False
         self._held_signal: int | None = None
@@ -194,7 +195,7 @@ class BufferedSingerWriter(GenericSingerWriter[bytes, Message]):
 
     def frame(self, message: dict[str, t.Any]) -> tuple[bytes, bytes]:
         """``message``'s JSON cut around its ``RECORD_PLACEHOLDER``: the ``head`` and ``tail``."""
-        placeholder = self._encoder.encode(RECORD_PLACEHOLDER)
+        placeholder = self._placeholder
         head, found, tail = self._encoder.encode(message).partition(placeholder)
         if not found or placeholder in tail:
             msg = "the message must hold RECORD_PLACEHOLDER exactly once"

@@ -516,11 +516,9 @@ class PrefetchWindow(t.Generic[T]):
     retry stops at once.
     """
 
-    def __init__(self, fetch: Callable[[Request, threading.Event], T], size: int) -> None:
-        """Prepare a window of at most ``size`` fetches (halved by ``lower``)."""
+    def __init__(self, fetch: Callable[[Request, threading.Event], T]) -> None:
+        """Prepare to run ``fetch``; how many at once is the caller's (see ``AdaptiveWindow``)."""
         self._fetch = fetch
-        self.size = max(size, 1)
-        self._lock = threading.Lock()
         self._slots: collections.deque[tuple[Request, Future[T], threading.Event]] = (
             collections.deque()
         )
@@ -552,14 +550,6 @@ class PrefetchWindow(t.Generic[T]):
         """Drop every fetch in flight; their threads end on their own."""
         while self._slots:
             self._slots.pop()[2].set()
-
-    def lower(self) -> int | None:
-        """Halve the window (after a 429); return the new size if it changed."""
-        with self._lock:
-            if self.size <= 1:
-                return None
-            self.size = max(1, self.size // 2)
-            return self.size
 
 
 class AdaptiveWindow:

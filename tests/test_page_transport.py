@@ -344,28 +344,16 @@ def test_the_proxy_is_the_one_requests_would_use(
     assert stream.page_transport.proxy == proxy
 
 
-class ConnectProxy:
+class ConnectProxy(RawServer):
     """A loopback HTTP proxy that only tunnels (CONNECT), keeping each tunnel's target."""
 
     def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.tunnels: list[str] = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__(self._tunnel)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._tunnel, args=(client,), daemon=True).start()
-
-    def _tunnel(self, client: socket.socket) -> None:
-        with client, contextlib.suppress(OSError):
-            head = b""
-            while b"\r\n\r\n" not in head and (chunk := client.recv(4096)):
-                head += chunk
+    def _tunnel(self, client: socket.socket, head: bytes) -> None:
+        # The client waits for the 200 before it sends a byte more: head is all it sent.
+        with client:
             method, target, _ = head.split(b"\r\n", 1)[0].split(b" ", 2)
             if method != b"CONNECT":
                 client.sendall(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
@@ -378,9 +366,6 @@ class ConnectProxy:
                 back.start()
                 pump(client, upstream)
                 back.join(30)
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 def pump(source: socket.socket, sink: socket.socket) -> None:

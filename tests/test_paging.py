@@ -692,7 +692,7 @@ def test_window_returns_results_in_submission_order_and_discards() -> None:
         time.sleep(0.05 if request.start == 0 else 0)
         return request.start
 
-    window: PrefetchWindow[int] = PrefetchWindow(fetch, 4)
+    window: PrefetchWindow[int] = PrefetchWindow(fetch)
     for start in range(4):
         window.submit(Request(start, 1))
     assert [window.pop()[1] for _ in range(2)] == [0, 1]
@@ -710,19 +710,18 @@ def test_window_threads_are_daemons_and_cancel_wakes_a_waiting_fetch() -> None:
             raise Cancelled
         return 0
 
-    window: PrefetchWindow[int] = PrefetchWindow(fetch, 2)
+    window: PrefetchWindow[int] = PrefetchWindow(fetch)
     window.submit(Request(0, 1))
     window.discard()
     assert woke.wait(5)
 
 
-def test_window_hands_over_exceptions_and_halves_on_lower() -> None:
+def test_window_hands_over_exceptions() -> None:
     def fetch(_request: Request, _cancel: threading.Event) -> int:
         msg = "boom"
         raise ValueError(msg)
 
-    window: PrefetchWindow[int] = PrefetchWindow(fetch, 8)
+    window: PrefetchWindow[int] = PrefetchWindow(fetch)
     window.submit(Request(0, 1))
     with pytest.raises(ValueError, match="boom"):
         window.pop()
-    assert [window.lower(), window.lower(), window.lower(), window.lower()] == [4, 2, 1, None]
