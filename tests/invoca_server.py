@@ -499,6 +499,7 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
+            self._out_of_flight()
             self.wfile.write(body)
             with server.lock:
                 server.stats.statuses[200] += 1
@@ -518,6 +519,7 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
             for name, value in (headers or {}).items():
                 self.send_header(name, value)
             self.end_headers()
+            self._out_of_flight()
             self.wfile.write(body)
 
         def _trickle(self, body: bytes) -> None:
@@ -544,6 +546,7 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
                 server.stats.requests += 1
                 number = server.stats.requests
                 server.stats.in_flight += 1
+                self._in_flight = True
                 server.stats.max_in_flight = max(server.stats.max_in_flight, server.stats.in_flight)
                 server.stats.paths.append(self.path)
                 if server.token and server.token in self.path:
@@ -559,7 +562,14 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
                     return
                 self._handle(number)
             finally:
-                with server.lock:
+                self._out_of_flight()
+
+        def _out_of_flight(self) -> None:
+            # Before the last bytes go out: a client that has the whole response may
+            # send its next request at once, and must not find this one still counted.
+            with server.lock:
+                if getattr(self, "_in_flight", False):
+                    self._in_flight = False
                     server.stats.in_flight -= 1
 
         def _injected_fault(self, number: int) -> bool:  # noqa: PLR0911
