@@ -908,7 +908,7 @@ class InvocaStream(SeamStream):
                 for request in pager.plan(adaptive.size):
                     window.submit(request)
                 while len(window):
-                    _, page = window.pop()
+                    _, page = window.pop(self.output_idle)
                     step = feed_pager(pager, page)
                     if step.discard:
                         window.discard()

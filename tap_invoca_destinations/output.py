@@ -231,11 +231,7 @@ class BufferedSingerWriter(GenericSingerWriter[bytes, Message]):
             if to_stdout and out is not None and _fileno(out) is None:
                 t.cast("t.IO[bytes]", getattr(out, "buffer", out)).flush()
         except BrokenPipeError:
-            self._closed = True
-            self._pending.clear()
-            _silence_stdout()
-            msg = "stdout was closed by its reader (the target stopped)"
-            raise OutputClosed(msg) from None
+            self._reader_gone()
         except (SyncInterrupted, OutputClosed):
             self._closed = True  # the write was abandoned: nothing more may follow it
             self._pending.clear()
@@ -243,6 +239,33 @@ class BufferedSingerWriter(GenericSingerWriter[bytes, Message]):
         finally:
             self._writing = False
         self._raise_held_signal()
+
+    def idle(self) -> None:
+        """While the tap waits (a slow page, a backoff): write out the lines held, see the reader.
+
+        A target then gets its records without waiting for a full block, and a
+        reader that has gone is noticed within the wait rather than at the next
+        block of lines (stdout a pipe or a socket: polled, nothing written).
+
+        Raises:
+            OutputClosed: If stdout's reader has gone away.
+        """
+        if self._pending:
+            self.flush(to_stdout=False)
+        fd = _fileno(sys.stdout)
+        if self._closed or fd is None or not _is_pipe(fd) or not hasattr(select, "poll"):
+            return
+        watch = select.poll()
+        watch.register(fd, 0)  # POLLERR and POLLHUP are always reported
+        if any(events & (select.POLLERR | select.POLLHUP) for _, events in watch.poll(0)):
+            self._reader_gone()
+
+    def _reader_gone(self) -> t.NoReturn:
+        self._closed = True
+        self._pending.clear()
+        _silence_stdout()
+        msg = "stdout was closed by its reader (the target stopped)"
+        raise OutputClosed(msg) from None
 
     def _write_out(self, data: bytes) -> None:
         out = sys.stdout

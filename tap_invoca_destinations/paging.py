@@ -17,6 +17,7 @@ import math
 import queue
 import random
 import threading
+import time
 import typing as t
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -519,6 +520,7 @@ class PrefetchWindow(t.Generic[T]):
     def __init__(self, fetch: Callable[[Request, threading.Event], T]) -> None:
         """Prepare to run ``fetch``; how many at once is the caller's (see ``AdaptiveWindow``)."""
         self._fetch = fetch
+        self._idled_at = time.monotonic()
         self._slots: collections.deque[tuple[Request, Future[T], threading.Event]] = (
             collections.deque()
         )
@@ -541,9 +543,22 @@ class PrefetchWindow(t.Generic[T]):
         self._slots.append((request, future, cancel))
         WORKERS.run(run)
 
-    def pop(self) -> tuple[Request, T]:
-        """Wait for the oldest fetch and return it (its exception is raised here)."""
-        request, future, _ = self._slots.popleft()
+    def pop(self, idle: Callable[[], None] | None = None, every: float = 1.0) -> tuple[Request, T]:
+        """Wait for the oldest fetch and return it (its exception is raised here).
+
+        While waiting, ``idle`` is called once per ``every`` seconds of waiting,
+        counted across pops. If it raises, the fetch stays in the window, for ``discard``.
+        """
+        request, future, _ = self._slots[0]
+        while idle is not None and not future.done():
+            wait = self._idled_at + every - time.monotonic()
+            if wait <= 0:
+                idle()
+                self._idled_at = time.monotonic()
+                continue
+            with contextlib.suppress(TimeoutError):  # concurrent.futures' own since 3.11
+                future.exception(timeout=wait)
+        self._slots.popleft()
         return request, future.result()
 
     def discard(self) -> None:

@@ -227,6 +227,16 @@ class SeamStream(RESTStream[int]):
         """The tap's version (for the User-Agent header)."""
         return str(self._tap.plugin_version)
 
+    def output_idle(self) -> None:
+        """Called while waiting for pages: see ``BufferedSingerWriter.idle``.
+
+        Raises:
+            OutputClosed: If the output has no reader any more.
+        """
+        writer = self._tap.message_writer
+        if isinstance(writer, BufferedSingerWriter):
+            writer.idle()
+
     # --- records -------------------------------------------------------------
 
     def record_pages(self, context: Context | None) -> t.Iterator[list[dict[str, t.Any]]]:

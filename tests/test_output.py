@@ -7,6 +7,7 @@ import os
 import sys
 import typing as t
 
+import pytest
 from helpers import config_for, run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,7 +20,6 @@ if t.TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
-    import pytest
     from invoca_server import InvocaServer
 
 
@@ -129,3 +129,26 @@ def test_a_block_goes_to_a_pipe_with_room_in_one_write(monkeypatch: pytest.Monke
     assert len(lines) == 200
     assert max(sizes) > BufferedSingerWriter.BLOCK_BYTES // 2
     assert len(sizes) <= 3
+
+
+def test_idle_writes_out_the_lines_held_and_sees_a_reader_that_has_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    with open(write_end, "w", closefd=True) as pipe:  # noqa: PTH123 - a pipe, not a path
+        monkeypatch.setattr(sys, "stdout", pipe)
+        writer = BufferedSingerWriter()
+        writer.write_record(record_message(1))
+        with pytest.raises(BlockingIOError):
+            os.read(read_end, 65536)  # held: less than a block
+        writer.idle()
+        assert json.loads(os.read(read_end, 65536))["record"]["id"] == 1
+        writer.idle()  # nothing held, the reader still there: nothing happens
+        with pytest.raises(BlockingIOError):
+            os.read(read_end, 65536)
+        os.close(read_end)  # the target stops
+        with pytest.raises(output.OutputClosed, match="closed by its reader"):
+            writer.idle()  # seen without writing a byte
+        writer.write_record(record_message(2))
+        writer.flush()  # closed: nothing more is written, nothing raised

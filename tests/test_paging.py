@@ -12,6 +12,7 @@ last request) emitted exactly once, ids ascending, or raises a clear
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 import time
 import typing as t
@@ -21,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tap_invoca_destinations.output import OutputClosed
 from tap_invoca_destinations.paging import (
     MAX_DOUBTS,
     MAX_RECHECKS,
@@ -714,6 +716,43 @@ def test_window_threads_are_daemons_and_cancel_wakes_a_waiting_fetch() -> None:
     window.submit(Request(0, 1))
     window.discard()
     assert woke.wait(5)
+
+
+def test_a_waiting_pop_calls_idle_once_a_period_and_a_raising_idle_leaves_the_fetch() -> None:
+    release = threading.Event()
+    cancelled = threading.Event()
+
+    def fetch(request: Request, cancel: threading.Event) -> int:
+        if request.start == 0:
+            release.wait(5)
+            return 0
+        if cancel.wait(5):
+            cancelled.set()
+        return request.start
+
+    window: PrefetchWindow[int] = PrefetchWindow(fetch)
+    window.submit(Request(0, 1))
+    calls: list[float] = []
+
+    def idle() -> None:
+        calls.append(time.monotonic())
+        if len(calls) == 3:
+            release.set()
+
+    assert window.pop(idle, every=0.05) == (Request(0, 1), 0)
+    assert len(calls) == 3
+    assert all(b - a >= 0.04 for a, b in itertools.pairwise(calls))  # once a period
+
+    def give_up() -> None:
+        msg = "gone"
+        raise OutputClosed(msg)
+
+    window.submit(Request(1, 1))
+    with pytest.raises(OutputClosed):
+        window.pop(give_up, every=0.05)
+    assert len(window) == 1  # still there, so discard reaches it
+    window.discard()
+    assert cancelled.wait(5)
 
 
 def test_window_hands_over_exceptions() -> None:

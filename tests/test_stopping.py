@@ -145,6 +145,34 @@ def test_a_fatal_error_does_not_wait_for_slow_prefetches(
     assert "HTTP 403" in stderr.decode()
 
 
+def test_a_target_gets_records_and_is_seen_to_stop_during_slow_pages(
+    tmp_path: Path, make_server: Callable[..., InvocaServer], frontend: Frontend
+) -> None:
+    # 4 s a page of 10 records (~1 KB): held until 64 KiB filled, the first record
+    # would take minutes to come out, and a target that stopped would be noticed
+    # only then. While the tap waits, it writes out what it holds and looks at the pipe.
+    server = make_server(100, faults=Faults(latency_ms=4000))  # ten pages: bounded if it regresses
+    config = config_for(server, page_size=10, max_concurrency=1)
+    began = time.monotonic()
+    with frontend.start(tmp_path, config, {}) as process:
+        assert process.stdout is not None
+        assert process.stderr is not None
+        while frontend.record_of(json.loads(process.stdout.readline())) is None:
+            pass
+        first_record = time.monotonic() - began
+        process.stdout.close()  # the target stops while the next page is on its way
+        stopping = time.monotonic()
+        process.wait(timeout=60)
+        stopped = time.monotonic() - stopping
+        stderr = process.stderr.read().decode()
+    assert first_record < 12, f"the first record took {first_record:.1f} s"  # its page: 4 s
+    assert process.returncode == 1
+    assert stopped < 4, f"took {stopped:.1f} s to see the target had stopped"
+    assert server.stats.requests <= 3  # no page read and thrown away long after
+    assert "stdout was closed by its reader" in stderr
+    assert "Traceback" not in stderr
+
+
 def test_closed_pipe_ends_promptly_in_one_line(
     tmp_path: Path, make_server: Callable[..., InvocaServer], frontend: Frontend
 ) -> None:
