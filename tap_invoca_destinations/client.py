@@ -46,7 +46,7 @@ from tap_invoca_destinations.paging import (
 )
 from tap_invoca_destinations.records import INT64_MAX, INT64_MIN, PageDecoder, as_int64
 from tap_invoca_destinations.sdk_seam import SeamStream
-from tap_invoca_destinations.transport import PageTransport
+from tap_invoca_destinations.transport import InFlight, PageTransport, sending
 
 if t.TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
@@ -703,10 +703,12 @@ class InvocaStream(SeamStream):
         deadline = time.monotonic() + timeout
         box: Future[Reply] = Future()
         abandoned = threading.Event()
+        in_flight = InFlight()
 
         def run() -> None:
             try:
-                box.set_result(self._receive(params, deadline, abandoned))
+                with sending(in_flight):
+                    box.set_result(self._receive(params, deadline, abandoned))
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
                 box.set_exception(exc)
 
@@ -715,6 +717,7 @@ class InvocaStream(SeamStream):
             return box.result(timeout=timeout)
         except FutureTimeout:
             abandoned.set()
+            in_flight.cut()  # or it stays on the wire, beside the retry, while bytes trickle in
             msg = f"no complete response within request_timeout={timeout:g} s"
             raise requests.exceptions.ReadTimeout(msg) from None
 

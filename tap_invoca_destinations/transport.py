@@ -15,7 +15,10 @@ CONNECT, SOCKS, proxy credentials) stay requests' business.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import threading
 import typing as t
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
@@ -29,6 +32,7 @@ from requests.utils import (
     get_environ_proxies,
     select_proxy,
 )
+from urllib3.connectionpool import port_by_scheme
 from urllib3.exceptions import (
     ClosedPoolError,
     ConnectTimeoutError,
@@ -37,12 +41,115 @@ from urllib3.exceptions import (
     ProtocolError,
     ReadTimeoutError,
 )
-from urllib3.util import Retry
+from urllib3.util import Retry, parse_url
 
 if t.TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from urllib3.connectionpool import HTTPConnectionPool
+
+class InFlight:
+    """The connection one page request is reading from, so that a caller who gave up can cut it.
+
+    A socket's timeout bounds each read, not a response: a server trickling its
+    headers keeps a request alive long after its deadline, and its connection
+    open beside the retry's. ``cut`` shuts the connection down, which ends the
+    read at once. Only the request's own connection is cut: it stops being this
+    request's (``let_go``) before the pool can lend it to another.
+    """
+
+    def __init__(self) -> None:
+        """Hold no connection yet."""
+        self._lock = threading.Lock()
+        self._connection: urllib3.connection.HTTPConnection | None = None
+        self._cut = False
+
+    def hold(self, connection: urllib3.connection.HTTPConnection) -> None:
+        """The request reads from ``connection`` now (cut at once if the caller gave up)."""
+        with self._lock:
+            self._connection = connection
+            if self._cut:
+                _shut_down(connection)
+
+    def let_go(self, connection: urllib3.connection.HTTPConnection | None) -> None:
+        """``connection`` goes back to the pool: no longer this request's to cut."""
+        with self._lock:
+            if connection is self._connection:
+                self._connection = None
+
+    def cut(self) -> None:
+        """Shut the request's connection down; one it takes later is shut as it reads."""
+        with self._lock:
+            self._cut = True
+            if self._connection is not None:
+                _shut_down(self._connection)
+
+
+def _shut_down(connection: urllib3.connection.HTTPConnection) -> None:
+    sock = connection.sock
+    if sock is not None:
+        with contextlib.suppress(OSError):  # socket's own: SSLSocket.shutdown drops its TLS state
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+_SENDING = threading.local()  # .request: the InFlight of the request this thread sends
+
+
+@contextlib.contextmanager
+def sending(request: InFlight) -> t.Iterator[None]:
+    """Tie the connections this thread takes from a ``PageTransport`` pool to ``request``."""
+    _SENDING.request = request
+    try:
+        yield
+    finally:
+        _SENDING.request = None
+
+
+def _held(connection: urllib3.connection.HTTPConnection) -> None:
+    request: InFlight | None = getattr(_SENDING, "request", None)
+    if request is not None:
+        request.hold(connection)
+
+
+# urllib3 puts a pool's and a connection's class name in its messages: the same names
+# keep every message as requests users know it.
+
+
+class HTTPConnection(urllib3.connection.HTTPConnection):
+    """urllib3's, held by the sending thread's ``InFlight`` while it waits for the response."""
+
+    def getresponse(self, *args: t.Any, **kwargs: t.Any) -> t.Any:  # noqa: ANN401 - urllib3's
+        """Note the connection as the request's (connected, request sent), then read."""
+        _held(self)  # connected and sent: the waits that follow are the unbounded ones
+        return super().getresponse(*args, **kwargs)
+
+
+class HTTPSConnection(urllib3.connection.HTTPSConnection):
+    """urllib3's, held by the sending thread's ``InFlight`` while it waits for the response."""
+
+    def getresponse(self, *args: t.Any, **kwargs: t.Any) -> t.Any:  # noqa: ANN401 - urllib3's
+        """Note the connection as the request's (connected, request sent), then read."""
+        _held(self)
+        return super().getresponse(*args, **kwargs)
+
+
+class _LetGo:
+    def _put_conn(self, conn: t.Any) -> None:  # noqa: ANN401 - urllib3's BaseHTTPConnection | None
+        request: InFlight | None = getattr(_SENDING, "request", None)
+        if request is not None:
+            request.let_go(conn)
+        super()._put_conn(conn)  # type: ignore[misc]
+
+
+class HTTPConnectionPool(_LetGo, urllib3.connectionpool.HTTPConnectionPool):
+    """urllib3's, whose connections a caller can cut (``InFlight``)."""
+
+    ConnectionCls = HTTPConnection
+
+
+class HTTPSConnectionPool(_LetGo, urllib3.connectionpool.HTTPSConnectionPool):
+    """urllib3's, whose connections a caller can cut (``InFlight``)."""
+
+    ConnectionCls = HTTPSConnection
 
 
 def as_requests_error(exc: Exception) -> Exception:  # noqa: PLR0911 - one per case of requests
@@ -99,7 +206,7 @@ class PageTransport:
         if session.trust_env:
             proxies = {**session.proxies, **get_environ_proxies(self.url)}
             self.proxy = select_proxy(self.url, proxies)
-        self._pool: HTTPConnectionPool | None = None
+        self._pool: urllib3.connectionpool.HTTPConnectionPool | None = None
         if self.proxy is not None:
             return
         tls: dict[str, t.Any] = {}
@@ -115,9 +222,12 @@ class PageTransport:
                 )
             key = "ca_cert_dir" if Path(bundle).is_dir() else "ca_certs"
             tls = {"cert_reqs": "CERT_REQUIRED", key: bundle}
-        self._pool = urllib3.connectionpool.connection_from_url(
-            self.url, maxsize=pool_size, block=False, **tls
-        )
+        # As urllib3's connection_from_url, with connections a caller can cut (InFlight).
+        target = parse_url(self.url)
+        scheme = target.scheme or "http"
+        port = target.port or port_by_scheme.get(scheme, 80)
+        pool = HTTPSConnectionPool if scheme == "https" else HTTPConnectionPool
+        self._pool = pool(target.host or "", port=port, maxsize=pool_size, block=False, **tls)
 
     def get(
         self, params: Mapping[str, t.Any], headers: Mapping[str, str], timeout: float

@@ -12,6 +12,7 @@ import http.client
 import re
 import socket
 import threading
+import time
 import typing as t
 
 import pytest
@@ -33,7 +34,7 @@ from urllib3.exceptions import (
 
 from tap_invoca_destinations.client import InvocaStream, transport_reason
 from tap_invoca_destinations.tap import TapInvocaDestinations
-from tap_invoca_destinations.transport import encode_params
+from tap_invoca_destinations.transport import InFlight, encode_params, sending
 
 if t.TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -404,3 +405,46 @@ def test_a_socks_proxy_is_left_to_requests(tmp_path: Path) -> None:
     config = {"api_token": "tok", "network_id": "1", "base_url": "https://127.0.0.1:9"}
     run = run_cli(tmp_path, config, env=proxy_env("socks5://127.0.0.1:9"))
     assert_clean_failure(run, "cannot send GET", "SOCKS")
+
+
+def test_a_cut_after_the_response_spares_the_connection_back_in_the_pool(
+    server: InvocaServer,
+) -> None:
+    # The connection went back to the pool with the whole body: cutting the request
+    # late (its caller's deadline passing just then) must not cut the next request.
+    stream = stream_for(server.url, api_token=server.token)
+    transport = stream.page_transport
+    first = InFlight()
+    with sending(first):
+        response = transport.get(params_of(stream), stream.http_headers, 5)
+        assert b'"data"' in response.read()
+    first.cut()
+    with sending(InFlight()):
+        again = transport.get(params_of(stream), stream.http_headers, 5)
+        assert b'"data"' in again.read()
+    assert server.stats.connections == 1  # the same connection, reused whole
+
+
+def test_a_cut_ends_a_read_waiting_for_headers(raw_server: Callable[..., RawServer]) -> None:
+    stop = threading.Event()
+    server = raw_server(lambda _conn, _head: stop.wait(10))  # never answers
+    stream = stream_for(server.url)
+    request = InFlight()
+
+    def send() -> None:
+        with sending(request), contextlib.suppress(requests.RequestException):
+            stream.page_transport.get(params_of(stream), stream.http_headers, 30)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        while not server.heads:  # the request is on the wire
+            time.sleep(0.01)
+        time.sleep(0.1)
+        began = time.monotonic()
+        request.cut()
+        sender.join(5)
+        assert not sender.is_alive()
+        assert time.monotonic() - began < 2  # not the 30 s read timeout
+    finally:
+        stop.set()

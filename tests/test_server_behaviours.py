@@ -371,15 +371,23 @@ def test_trickled_headers_are_bounded_by_request_timeout() -> None:
     port = listener.getsockname()[1]
     stop = threading.Event()
     accepted: list[socket.socket] = []
+    lock = threading.Lock()
+    trickling = [0, 0]  # now, most at once
 
     def trickle(conn: socket.socket) -> None:
+        with lock:
+            trickling[0] += 1
+            trickling[1] = max(trickling)
         try:
             conn.recv(65536)
             conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
             while not stop.wait(0.05):
                 conn.sendall(b"a")
         except OSError:
-            pass
+            pass  # the tap cut the connection
+        finally:
+            with lock:
+                trickling[0] -= 1
 
     def serve() -> None:
         while not stop.is_set():
@@ -396,16 +404,24 @@ def test_trickled_headers_are_bounded_by_request_timeout() -> None:
         "network_id": "1",
         "base_url": f"http://127.0.0.1:{port}",
         "request_timeout": 0.5,
-        "max_tries": 2,
+        "max_tries": 4,
         "retry_initial_wait": 0.01,
+        "max_concurrency": 1,
     }
     stream = t.cast("InvocaStream", TapInvocaDestinations(config=config).streams["destinations"])
     began = time.monotonic()
     try:
-        with pytest.raises(InvocaError, match=r"gave up after 2 attempt\(s\).*request_timeout=0.5"):
+        with pytest.raises(InvocaError, match=r"gave up after 4 attempt\(s\).*request_timeout=0.5"):
             list(stream.iter_pages())
-        assert time.monotonic() - began < 6  # 2 x 0.5 s; unbounded, it would never end
-        assert len(accepted) == 2
+        assert time.monotonic() - began < 10  # 4 x 0.5 s; unbounded, it would never end
+        assert len(accepted) == 4
+        # A request given up on is cut, not left reading beside its retry: the server
+        # sees it gone at its next byte (50 ms), so at most the retry overlaps it.
+        assert trickling[1] <= 2, trickling
+        deadline = time.monotonic() + 5
+        while trickling[0] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert trickling[0] == 0, "a connection the tap gave up on is still open"
     finally:
         stop.set()
         listener.close()
