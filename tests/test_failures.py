@@ -141,9 +141,16 @@ def test_a_failure_stops_prefetches_still_waiting_to_retry(
 ) -> None:
     # The page at start=9 carries a bad value (the sync stops while handling it);
     # the pages prefetched with it get 503 with Retry-After: 30. The run must end
-    # now, not after those waits. Every response takes 200 ms, so the prefetches
-    # are surely at the server before the bad page is handled.
-    faults = Faults(fail_starts=(19, 29), fail_status=503, retry_after="30", latency_ms=200)
+    # now, not after those waits. Every response takes 200 ms and the bad page 1.5 s
+    # more, so the prefetches surely have their 503 before the bad page is handled.
+    faults = Faults(
+        fail_starts=(19, 29),
+        fail_status=503,
+        retry_after="30",
+        latency_ms=200,
+        slow_starts=(9,),
+        slow_seconds=1.5,
+    )
     server = serve(make_server, faults)
     victim = server.ids()[12]
     wire = server.wire_record(victim)
