@@ -27,7 +27,6 @@ from urllib.parse import quote, quote_plus, urlparse
 import msgspec
 import requests
 import urllib3
-from requests.adapters import HTTPAdapter
 from requests.auth import AuthBase
 from singer_sdk import metrics
 from singer_sdk.exceptions import FatalAPIError
@@ -46,7 +45,7 @@ from tap_invoca_destinations.paging import (
 )
 from tap_invoca_destinations.records import INT64_MAX, INT64_MIN, PageDecoder, as_int64
 from tap_invoca_destinations.sdk_seam import SeamStream
-from tap_invoca_destinations.transport import InFlight, PageTransport, sending
+from tap_invoca_destinations.transport import CuttableAdapter, InFlight, PageTransport, sending
 
 if t.TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
@@ -625,7 +624,7 @@ class InvocaStream(SeamStream):
         urllib3 discard connections.
         """
         session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=2 * self.max_concurrency)
+        adapter = CuttableAdapter(pool_connections=1, pool_maxsize=2 * self.max_concurrency)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         # Plain http is allowed only to loopback hosts: never through a proxy.

@@ -245,7 +245,8 @@ class BufferedSingerWriter(GenericSingerWriter[bytes, Message]):
 
         A target then gets its records without waiting for a full block, and a
         reader that has gone is noticed within the wait rather than at the next
-        block of lines (stdout a pipe or a socket: polled, nothing written).
+        block of lines (stdout a pipe or a Unix socket: polled, nothing written; a
+        TCP peer's close shows only when a write meets it).
 
         Raises:
             OutputClosed: If stdout's reader has gone away.

@@ -623,7 +623,7 @@ class AdaptiveWindow:
         finally:
             with self._room:
                 self.on_the_wire -= 1
-                self._room.notify()
+                self._room.notify_all()
 
     def prompt(self, ticket: int, seconds: float) -> int | None:  # noqa: ARG002 - symmetry with trouble
         """A page came back in ``seconds`` without trouble; return the new size if it grew."""
@@ -633,7 +633,7 @@ class AdaptiveWindow:
             if seconds > self.PROMPT_FACTOR * self.quickest or self.size >= self.cap:
                 return None
             self.size += 1
-            self._room.notify()
+            self._room.notify_all()
             return self.size
 
     def trouble(self, ticket: int) -> int | None:

@@ -25,6 +25,7 @@ from urllib.parse import urlencode, urlsplit
 
 import requests
 import urllib3
+from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from requests.utils import (
     DEFAULT_CA_BUNDLE_PATH,
@@ -53,8 +54,10 @@ class InFlight:
     A socket's timeout bounds each read, not a response: a server trickling its
     headers keeps a request alive long after its deadline, and its connection
     open beside the retry's. ``cut`` shuts the connection down, which ends the
-    read at once. Only the request's own connection is cut: it stops being this
-    request's (``let_go``) before the pool can lend it to another.
+    read at once. It covers the waits for the headers and the body; connecting
+    (and a TLS handshake) stays bounded by the connect timeout alone. Only the
+    request's own connection is cut: it stops being this request's (``let_go``,
+    or its close) before the pool can lend it to another.
     """
 
     def __init__(self) -> None:
@@ -83,10 +86,19 @@ class InFlight:
             if self._connection is not None:
                 _shut_down(self._connection)
 
+    def close(
+        self, connection: urllib3.connection.HTTPConnection, close: t.Callable[[], None]
+    ) -> None:
+        """Close ``connection`` (the sending thread's own close) where no cut can meet it."""
+        with self._lock:  # a cut must not shut a closed socket's number, reused meanwhile
+            if connection is self._connection:
+                self._connection = None
+            close()
+
 
 def _shut_down(connection: urllib3.connection.HTTPConnection) -> None:
     sock = connection.sock
-    if sock is not None:
+    if isinstance(sock, socket.socket):  # not, e.g., pyOpenSSL's wrapper: left to its timeout
         with contextlib.suppress(OSError):  # socket's own: SSLSocket.shutdown drops its TLS state
             socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
@@ -110,6 +122,14 @@ def _held(connection: urllib3.connection.HTTPConnection) -> None:
         request.hold(connection)
 
 
+def _closed(connection: urllib3.connection.HTTPConnection, close: t.Callable[[], None]) -> None:
+    request: InFlight | None = getattr(_SENDING, "request", None)
+    if request is None:
+        close()
+    else:
+        request.close(connection, close)
+
+
 # urllib3 puts a pool's and a connection's class name in its messages: the same names
 # keep every message as requests users know it.
 
@@ -122,6 +142,10 @@ class HTTPConnection(urllib3.connection.HTTPConnection):
         _held(self)  # connected and sent: the waits that follow are the unbounded ones
         return super().getresponse(*args, **kwargs)
 
+    def close(self) -> None:
+        """Close, out of the way of a cut (``InFlight.close``)."""
+        _closed(self, super().close)
+
 
 class HTTPSConnection(urllib3.connection.HTTPSConnection):
     """urllib3's, held by the sending thread's ``InFlight`` while it waits for the response."""
@@ -130,6 +154,10 @@ class HTTPSConnection(urllib3.connection.HTTPSConnection):
         """Note the connection as the request's (connected, request sent), then read."""
         _held(self)
         return super().getresponse(*args, **kwargs)
+
+    def close(self) -> None:
+        """Close, out of the way of a cut (``InFlight.close``)."""
+        _closed(self, super().close)
 
 
 class _LetGo:
@@ -150,6 +178,29 @@ class HTTPSConnectionPool(_LetGo, urllib3.connectionpool.HTTPSConnectionPool):
     """urllib3's, whose connections a caller can cut (``InFlight``)."""
 
     ConnectionCls = HTTPSConnection
+
+
+POOLS = {"http": HTTPConnectionPool, "https": HTTPSConnectionPool}
+
+
+class CuttableAdapter(HTTPAdapter):
+    """requests' adapter with these pools, so a request sent through a proxy can be cut too.
+
+    Not through a SOCKS proxy: its pools are urllib3's own (the request then ends
+    at its socket timeout, as before).
+    """
+
+    def init_poolmanager(self, *args: t.Any, **kwargs: t.Any) -> None:
+        """Requests' pool manager, making pools of this module's kind."""
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = POOLS
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: t.Any) -> t.Any:  # noqa: ANN401
+        """Requests' proxy manager, making pools of this module's kind unless it is SOCKS."""
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if not proxy.lower().startswith("socks"):
+            manager.pool_classes_by_scheme = POOLS
+        return manager
 
 
 def as_requests_error(exc: Exception) -> Exception:  # noqa: PLR0911 - one per case of requests

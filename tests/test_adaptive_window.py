@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 import typing as t
 
 from helpers import config_for, run_cli
@@ -11,12 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from invoca_server import Faults
 
-from tap_invoca_destinations.paging import AdaptiveWindow, Cancelled, DaemonPool
+from tap_invoca_destinations.paging import AdaptiveWindow, Cancelled, DaemonPool, Request
+from tap_invoca_destinations.tap import TapInvocaDestinations
 
 if t.TYPE_CHECKING:
     from pathlib import Path
 
     from invoca_server import InvocaServer
+
+    from tap_invoca_destinations.client import InvocaStream
 
 PROPERTY = settings(max_examples=300, deadline=None)
 
@@ -194,6 +198,31 @@ def test_a_slot_opens_when_the_window_grows_and_a_cancel_ends_the_wait() -> None
         cancel.set()
         second.join(5)
         assert outcome == ["entered", "cancelled"]
+
+
+def test_fetch_page_sends_and_retries_only_within_the_window(
+    make_server: t.Callable[..., InvocaServer],
+) -> None:
+    # A window of 2 with one place held here: the first request goes, meets a 503
+    # (the window halves to 1), and its retry must wait until the place is given back.
+    server = make_server(50, faults=Faults(fail_starts=(0,), fail_times=1, fail_status=503))
+    tap = TapInvocaDestinations(config=config_for(server, retry_initial_wait=0.01))
+    stream = t.cast("InvocaStream", tap.streams["destinations"])
+    window = stream._adaptive = AdaptiveWindow(2, 2)  # noqa: SLF001 - as iter_pages sets it
+    never = threading.Event()
+    pages: list[t.Any] = []
+    fetch = threading.Thread(target=lambda: pages.append(stream.fetch_page(Request(0, 10), never)))
+    with window.slot(never):
+        fetch.start()
+        deadline = time.monotonic() + 5
+        while window.size != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)
+        assert server.stats.requests == 1  # the 503; its retry waits for room
+        assert not pages
+    fetch.join(5)
+    assert server.stats.requests == 2
+    assert pages[0].ids == server.ids()[:10]
 
 
 # --- end to end: a server that throttles above N requests in flight -------------------

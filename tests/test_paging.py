@@ -740,7 +740,7 @@ def test_a_waiting_pop_calls_idle_once_a_period_and_a_raising_idle_leaves_the_fe
             release.set()
 
     assert window.pop(idle, every=0.05) == (Request(0, 1), 0)
-    assert len(calls) == 3
+    assert len(calls) >= 3  # a 4th if the fetch's thread is slow to wake
     assert all(b - a >= 0.04 for a, b in itertools.pairwise(calls))  # once a period
 
     def give_up() -> None:
