@@ -134,30 +134,25 @@ def _closed(connection: urllib3.connection.HTTPConnection, close: t.Callable[[],
 # keep every message as requests users know it.
 
 
-class HTTPConnection(urllib3.connection.HTTPConnection):
-    """urllib3's, held by the sending thread's ``InFlight`` while it waits for the response."""
+class _Held:
+    """A connection held by the sending thread's ``InFlight`` while it waits for the response."""
 
     def getresponse(self, *args: t.Any, **kwargs: t.Any) -> t.Any:  # noqa: ANN401 - urllib3's
         """Note the connection as the request's (connected, request sent), then read."""
-        _held(self)  # connected and sent: the waits that follow are the unbounded ones
-        return super().getresponse(*args, **kwargs)
+        _held(t.cast("urllib3.connection.HTTPConnection", self))  # the unbounded waits follow
+        return super().getresponse(*args, **kwargs)  # type: ignore[misc]
 
     def close(self) -> None:
         """Close, out of the way of a cut (``InFlight.close``)."""
-        _closed(self, super().close)
+        _closed(t.cast("urllib3.connection.HTTPConnection", self), super().close)  # type: ignore[misc]
 
 
-class HTTPSConnection(urllib3.connection.HTTPSConnection):
-    """urllib3's, held by the sending thread's ``InFlight`` while it waits for the response."""
+class HTTPConnection(_Held, urllib3.connection.HTTPConnection):
+    """urllib3's, whose waits for a response a caller can cut."""
 
-    def getresponse(self, *args: t.Any, **kwargs: t.Any) -> t.Any:  # noqa: ANN401 - urllib3's
-        """Note the connection as the request's (connected, request sent), then read."""
-        _held(self)
-        return super().getresponse(*args, **kwargs)
 
-    def close(self) -> None:
-        """Close, out of the way of a cut (``InFlight.close``)."""
-        _closed(self, super().close)
+class HTTPSConnection(_Held, urllib3.connection.HTTPSConnection):
+    """urllib3's, whose waits for a response a caller can cut."""
 
 
 class _LetGo:
