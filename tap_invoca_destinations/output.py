@@ -12,6 +12,8 @@ import signal
 import stat
 import sys
 import termios
+import threading
+import time
 import typing as t
 
 import msgspec
@@ -46,6 +48,55 @@ class SyncInterrupted(BaseException):
 
 class OutputClosed(Exception):  # noqa: N818 - it is a state of the world, not a bug
     """The reader of stdout (the target) went away: nothing more can be written."""
+
+
+class Backstop:
+    """Ends the process at a deadline once a stop signal came, whatever blocks its threads.
+
+    A stop's last words go to readers that may have stopped reading: a write to a
+    full stderr (or stdout) pipe, or a log call waiting for a thread stuck in one,
+    never returns. ``trigger`` is safe in a signal handler: it writes one byte to a
+    pipe; the thread waiting on it, started beforehand by ``start``, then gives the
+    process ``seconds`` to exit on its own and calls ``os._exit(code)``.
+    """
+
+    def __init__(self) -> None:
+        """Not started: ``trigger`` does nothing until ``start``."""
+        self._write_fd: int | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Start the waiting thread (once; call it where no signal handler runs)."""
+        with self._lock:
+            if self._write_fd is not None:
+                return
+            read_fd, write_fd = os.pipe()
+            os.set_blocking(write_fd, False)
+            threading.Thread(
+                target=self._wait, args=(read_fd,), name="invoca-backstop", daemon=True
+            ).start()
+            self._write_fd = write_fd
+
+    def trigger(self, code: int, seconds: float) -> None:
+        """Exit with ``code`` in ``seconds`` unless the process has ended by then."""
+        if self._write_fd is None:
+            return
+        with contextlib.suppress(OSError):  # a second signal: the first one's deadline stands
+            os.write(self._write_fd, bytes([code, min(int(seconds * 10), 255)]))
+
+    @staticmethod
+    def _wait(read_fd: int) -> None:
+        message = b""
+        while len(message) < 2:  # noqa: PLR2004 - the code and the tenths of a second
+            chunk = os.read(read_fd, 2 - len(message))
+            if not chunk:
+                return
+            message += chunk
+        time.sleep(message[1] / 10)
+        os._exit(message[0])
+
+
+BACKSTOP = Backstop()
 
 
 RECORD_PLACEHOLDER = "\0record\0"  # stands for each record in BufferedSingerWriter.frame
@@ -153,6 +204,7 @@ class BufferedSingerWriter(GenericSingerWriter[bytes, Message]):
 
     BLOCK_BYTES = 64 * 1024
     STOP_GRACE_SECONDS = 5.0  # how long a held stop waits for a target that has stopped reading
+    EXIT_GRACE_SECONDS = 2.0  # then for the last log lines, before ``BACKSTOP`` ends the process
 
     def __init__(self) -> None:
         """Create the encoder and the output buffer."""
@@ -317,6 +369,7 @@ class BufferedSingerWriter(GenericSingerWriter[bytes, Message]):
         Raises:
             SyncInterrupted: When it is safe to stop.
         """
+        BACKSTOP.trigger(128 + signum, self.STOP_GRACE_SECONDS + self.EXIT_GRACE_SECONDS)
         if self._writing:
             self._held_signal = signum
             # A target that has stopped reading would hold the write, and so the

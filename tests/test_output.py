@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import typing as t
 
@@ -152,3 +153,35 @@ def test_idle_writes_out_the_lines_held_and_sees_a_reader_that_has_gone(
             writer.idle()  # seen without writing a byte
         writer.write_record(record_message(2))
         writer.flush()  # closed: nothing more is written, nothing raised
+
+
+BACKSTOP_SCRIPT = """
+import sys, time
+from tap_invoca_destinations.output import Backstop
+backstop = Backstop()
+if sys.argv[1] == "started":
+    backstop.start()
+backstop.trigger(57, 0.2)
+backstop.trigger(58, 0.0)  # a second signal: the first one's deadline stands
+began = time.monotonic()
+time.sleep(3)
+print(f"{time.monotonic() - began:.1f}")
+"""
+
+
+@pytest.mark.parametrize(("started", "code"), [(True, 57), (False, 0)])
+def test_the_backstop_ends_the_process_at_its_deadline_once_started(
+    *, started: bool, code: int
+) -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", BACKSTOP_SCRIPT, "started" if started else "not started"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert run.returncode == code, run.stderr
+    if started:
+        assert run.stdout == ""  # it ended the process 0.2 s into a 3 s sleep
+    else:
+        assert run.stdout.strip() == "3.0"

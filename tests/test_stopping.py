@@ -236,6 +236,46 @@ def test_signal_while_the_target_reads_nothing_stops_after_the_grace_period(
     assert len(check_whole_lines_once(out, server, frontend)) > 10
 
 
+def test_a_stop_ends_the_sync_even_when_nobody_reads_stderr(
+    tmp_path: Path, make_server: Callable[..., InvocaServer], frontend: Frontend
+) -> None:
+    # stderr's pipe is all but full and nobody reads it or stdout: the tap blocks
+    # in a log line, the stop's own line blocks too, and only the backstop ends it.
+    server = make_server(20_000)
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    os.write(write_end, b"-" * (fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ) - 2000))
+    os.set_blocking(write_end, True)
+    try:
+        with subprocess.Popen(
+            frontend.sync_command(tmp_path, config_for(server)),
+            stdout=subprocess.PIPE,
+            stderr=write_end,
+            env=clean_env(),
+            cwd=tmp_path,
+        ) as process:
+            os.close(write_end)
+            write_end = -1
+            wait_until_blocked_writing(process)
+            signalled = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            assert process.stdout is not None
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=30)  # nobody reads stdout or stderr until it is gone
+            took = time.monotonic() - signalled
+            if process.poll() is None:
+                process.kill()
+            out = process.stdout.read()
+    finally:
+        os.close(read_end)
+        if write_end != -1:
+            os.close(write_end)
+    writer = BufferedSingerWriter
+    assert process.returncode == 143, f"exit {process.returncode} after {took:.1f} s"
+    assert took < writer.STOP_GRACE_SECONDS + writer.EXIT_GRACE_SECONDS + 3, f"took {took:.1f} s"
+    check_whole_lines_once(out, server, frontend)
+
+
 def test_sighup_during_start_up_is_one_line(tmp_path: Path) -> None:
     config = {
         "api_token": "SECRET-hup-4c1d",
