@@ -581,7 +581,7 @@ class InvocaStream(SeamStream):
         self.retry_count = 0
         self._lock = threading.Lock()
         self._got_reply = False
-        self._window: PrefetchWindow[Page] | None = None
+        self._window: PrefetchWindow[Reply] | None = None
         self._adaptive: AdaptiveWindow | None = None
         self._request_counter: metrics.Counter | None = None
         self._transport: PageTransport | None = None
@@ -782,12 +782,15 @@ class InvocaStream(SeamStream):
 
     # --- retries -------------------------------------------------------------
 
-    def fetch_page(self, request: Request, cancel: threading.Event) -> Page:
+    def fetch_page(self, request: Request, cancel: threading.Event) -> Reply:
         """GET one page, retrying transient failures (see ``paging.RetryPolicy``).
 
+        Returns the successful reply undecoded: the reader decodes it on its own
+        thread (``decode_page``), so that a page's objects are made and read on one
+        core (built on a request thread, they cost the reader cache misses).
+
         Raises:
-            InvocaError: On a fatal status, a bad body, a TLS or header problem,
-                or exhausted retries.
+            InvocaError: On a fatal status, a TLS or header problem, or exhausted retries.
             Cancelled: If ``cancel`` is set while waiting to retry.
         """
         params = {**self.filter_params(), "limit": request.limit, "start": request.start}
@@ -804,7 +807,6 @@ class InvocaStream(SeamStream):
                 with slot as ticket:
                     reply = self.send(params)
                 check_status(reply)
-                page = decode_page(reply, self.page_decoder)
             except RetriableReply as exc:
                 reason, retry_after, failure = exc.reason, exc.retry_after, str(exc)
                 self._window_trouble(ticket, reason)
@@ -816,7 +818,7 @@ class InvocaStream(SeamStream):
             else:
                 if adaptive is not None:
                     adaptive.prompt(ticket, reply.seconds)
-                return page
+                return reply
             if cancel.is_set():
                 raise Cancelled  # no longer wanted: neither retried nor logged
             policy = self.retry_policy
@@ -899,7 +901,7 @@ class InvocaStream(SeamStream):
             self.server_date_at_start = None
             self._got_reply = False
             self.request_count = self.retry_count = 0
-        window: PrefetchWindow[Page] = PrefetchWindow(self.fetch_page)
+        window: PrefetchWindow[Reply] = PrefetchWindow(self.fetch_page)
         adaptive = AdaptiveWindow(start=WINDOW_START, ceiling=self.max_concurrency)
         self._window, self._adaptive = window, adaptive
         began = last_progress = time.monotonic()
@@ -910,7 +912,8 @@ class InvocaStream(SeamStream):
                 for request in pager.plan(adaptive.size):
                     window.submit(request)
                 while len(window):
-                    _, page = window.pop(self.output_idle)
+                    _, reply = window.pop(self.output_idle)
+                    page = decode_page(reply, self.page_decoder)  # a bad body is fatal here
                     step = feed_pager(pager, page)
                     if step.discard:
                         window.discard()

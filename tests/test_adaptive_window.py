@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from invoca_server import Faults
 
+from tap_invoca_destinations.client import decode_page
 from tap_invoca_destinations.paging import AdaptiveWindow, Cancelled, DaemonPool, Request
 from tap_invoca_destinations.tap import TapInvocaDestinations
 
@@ -222,7 +223,7 @@ def test_fetch_page_sends_and_retries_only_within_the_window(
         assert not pages
     fetch.join(5)
     assert server.stats.requests == 2
-    assert pages[0].ids == server.ids()[:10]
+    assert decode_page(pages[0]).ids == server.ids()[:10]
 
 
 # --- end to end: a server that throttles above N requests in flight -------------------
