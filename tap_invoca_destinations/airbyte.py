@@ -42,7 +42,12 @@ from tap_invoca_destinations.output import (
 from tap_invoca_destinations.records import parse_instant
 from tap_invoca_destinations.sdk_seam import setup_console_logging
 from tap_invoca_destinations.streams import DestinationsStream
-from tap_invoca_destinations.tap import RedactSecret, TapInvocaDestinations, _exit_now
+from tap_invoca_destinations.tap import (
+    RedactSecret,
+    TapInvocaDestinations,
+    _exit_now,
+    start_backstop,
+)
 
 if t.TYPE_CHECKING:
     from collections.abc import Callable
@@ -483,6 +488,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Run one Airbyte command; exit 0 only when it completed."""
     args = parse_args(argv)
+    start_backstop()
     setup_console_logging(TapInvocaDestinations.name)
     atexit.register(gc.freeze)  # see TapInvocaDestinations.invoke
     source = Source(BufferedSingerWriter())

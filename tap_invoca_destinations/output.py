@@ -26,6 +26,11 @@ else:  # pragma: no cover
     from typing_extensions import override
 
 
+def exit_code(signum: int) -> int:
+    """The shell convention for a process ended by signal ``signum``: 128 + its number."""
+    return 128 + signum
+
+
 class SyncInterrupted(BaseException):
     """SIGTERM, SIGINT or SIGHUP arrived: the sync stops, exits 128 + the signal number."""
 
@@ -38,7 +43,7 @@ class SyncInterrupted(BaseException):
     @property
     def exit_code(self) -> int:
         """The shell convention for a process ended by this signal (143, 130, 129)."""
-        return 128 + self.signum
+        return exit_code(self.signum)
 
     @property
     def signal_name(self) -> str:
@@ -55,45 +60,44 @@ class Backstop:
 
     A stop's last words go to readers that may have stopped reading: a write to a
     full stderr (or stdout) pipe, or a log call waiting for a thread stuck in one,
-    never returns. ``trigger`` is safe in a signal handler: it writes one byte to a
-    pipe; the thread waiting on it, started beforehand by ``start``, then gives the
-    process ``seconds`` to exit on its own and calls ``os._exit(code)``.
+    never returns. ``trigger`` is safe in a signal handler: it takes no lock and
+    writes one byte (the exit code) to a pipe. The thread reading that pipe,
+    started beforehand by ``start``, then gives the process ``seconds`` to end on
+    its own and calls ``os._exit(code)``. Only the first trigger counts.
+
+    Only a process that is the tap should start it (the CLIs do): in a host that
+    merely creates a tap, a Ctrl-C would otherwise end the host too.
     """
 
     def __init__(self) -> None:
         """Not started: ``trigger`` does nothing until ``start``."""
         self._write_fd: int | None = None
-        self._lock = threading.Lock()
+        self._owner = 0  # the pid that started it: a forked child's trigger is not its own
 
-    def start(self) -> None:
-        """Start the waiting thread (once; call it where no signal handler runs)."""
-        with self._lock:
-            if self._write_fd is not None:
-                return
-            read_fd, write_fd = os.pipe()
-            os.set_blocking(write_fd, False)
-            threading.Thread(
-                target=self._wait, args=(read_fd,), name="invoca-backstop", daemon=True
-            ).start()
-            self._write_fd = write_fd
-
-    def trigger(self, code: int, seconds: float) -> None:
-        """Exit with ``code`` in ``seconds`` unless the process has ended by then."""
-        if self._write_fd is None:
+    def start(self, seconds: float) -> None:
+        """Start the waiting thread with its deadline (once; before any handler may trigger it)."""
+        if self._write_fd is not None and self._owner == os.getpid():
             return
-        with contextlib.suppress(OSError):  # a second signal: the first one's deadline stands
-            os.write(self._write_fd, bytes([code, min(int(seconds * 10), 255)]))
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        self._write_fd, self._owner = write_fd, os.getpid()  # the pipe keeps an early trigger
+        threading.Thread(
+            target=self._wait, args=(read_fd, seconds), name="invoca-backstop", daemon=True
+        ).start()
+
+    def trigger(self, code: int) -> None:
+        """Exit with ``code`` at the deadline unless the process has ended by then."""
+        if self._write_fd is None or self._owner != os.getpid():
+            return
+        with contextlib.suppress(OSError):  # full after ~64,000 signals: the first one counts
+            os.write(self._write_fd, bytes([code]))
 
     @staticmethod
-    def _wait(read_fd: int) -> None:
-        message = b""
-        while len(message) < 2:  # noqa: PLR2004 - the code and the tenths of a second
-            chunk = os.read(read_fd, 2 - len(message))
-            if not chunk:
-                return
-            message += chunk
-        time.sleep(message[1] / 10)
-        os._exit(message[0])
+    def _wait(read_fd: int, seconds: float) -> None:
+        code = os.read(read_fd, 1)
+        if code:
+            time.sleep(seconds)
+            os._exit(code[0])
 
 
 BACKSTOP = Backstop()
@@ -364,12 +368,14 @@ class BufferedSingerWriter(GenericSingerWriter[bytes, Message]):
         """Stop the sync for a signal; called from the signal handler.
 
         Raises ``SyncInterrupted`` at once, unless a block is being written: then
-        the signal is held and raised as soon as the block is complete.
+        the signal is held and raised as soon as the block is complete. Either
+        way ``BACKSTOP`` ends the process ``STOP_GRACE_SECONDS`` +
+        ``EXIT_GRACE_SECONDS`` after the signal if it has not ended by then.
 
         Raises:
             SyncInterrupted: When it is safe to stop.
         """
-        BACKSTOP.trigger(128 + signum, self.STOP_GRACE_SECONDS + self.EXIT_GRACE_SECONDS)
+        BACKSTOP.trigger(exit_code(signum))
         if self._writing:
             self._held_signal = signum
             # A target that has stopped reading would hold the write, and so the

@@ -30,7 +30,6 @@ from singer_sdk.mapper import SameRecordTransform
 from singer_sdk.streams import RESTStream
 
 from tap_invoca_destinations.output import (
-    BACKSTOP,
     RECORD_PLACEHOLDER,
     BufferedSingerWriter,
     OutputClosed,
@@ -172,10 +171,8 @@ class SeamTap(Tap):
         # The SDK handles SIGINT and SIGTERM; a closed terminal or session (SIGHUP)
         # would otherwise end the tap with no word and maybe half a line on stdout.
         super()._setup_signal_handlers()
-        if threading.current_thread() is threading.main_thread():
-            if hasattr(signal, "SIGHUP"):
-                signal.signal(signal.SIGHUP, self._handle_termination)
-            BACKSTOP.start()  # the handler may only trigger it (see output.Backstop)
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, self._handle_termination)
 
     @override
     def _handle_termination(self, signum: int, frame: FrameType | None) -> None:

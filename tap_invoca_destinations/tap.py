@@ -29,7 +29,12 @@ from tap_invoca_destinations.client import (
     is_loopback,
     secret_forms,
 )
-from tap_invoca_destinations.output import OutputClosed, SyncInterrupted
+from tap_invoca_destinations.output import (
+    BACKSTOP,
+    BufferedSingerWriter,
+    OutputClosed,
+    SyncInterrupted,
+)
 from tap_invoca_destinations.records import parse_instant
 from tap_invoca_destinations.sdk_seam import SeamTap
 from tap_invoca_destinations.streams import DestinationsStream
@@ -387,6 +392,7 @@ class TapInvocaDestinations(SeamTap):
         # At exit the interpreter's GC passes walk every object of the SDK's ~650
         # modules (0.2-0.3 s a run); freezing them first makes those passes skip them.
         atexit.register(gc.freeze)
+        start_backstop()
         try:
             super().invoke(
                 state=None if state is None else checked_state_file(state),
@@ -509,6 +515,12 @@ def checked_catalog_file(catalog: t.IO[str]) -> t.IO[str]:
     """
     text, _ = read_json_object(catalog, "--catalog")
     return io.StringIO(text)
+
+
+def start_backstop() -> None:
+    """Let a stop signal end this process within the writer's graces, whatever blocks it."""
+    writer = BufferedSingerWriter
+    BACKSTOP.start(writer.STOP_GRACE_SECONDS + writer.EXIT_GRACE_SECONDS)
 
 
 def _exit_now(code: int) -> t.NoReturn:

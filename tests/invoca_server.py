@@ -186,6 +186,7 @@ class Faults:
     slow_seconds: float = 0
     slow_starts: tuple[int, ...] = ()  # list requests at these offsets are slow likewise
     non_json_every: int = 0  # every K-th request: 200 with an HTML body
+    non_json_starts: tuple[int, ...] = ()  # list requests at these offsets get it likewise
     no_data_every: int = 0  # every K-th request: 200 without "data"
     page_cap: int = 0  # serve at most this many records per page
     ignore_start: bool = False  # always serve from offset 0
@@ -235,6 +236,7 @@ class Stats:
     max_in_flight: int = 0
     token_in_url: int = 0
     dropped: int = 0
+    non_json: int = 0  # 200s with an HTML body (non_json_every, non_json_starts)
     paths: list[str] = dataclasses.field(default_factory=list)
     connections: int = 0  # TCP connections accepted
     other_auth: collections.Counter[str] = dataclasses.field(
@@ -613,7 +615,10 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
                 body = {"errors": {"invalid_data": "Server error, handle: ERR-4242"}}
                 self._send(faults.fail_status, json.dumps(body).encode(), headers)
                 return True
-            if every(faults.non_json_every):
+            if every(faults.non_json_every) or any(
+                f"start={n}&" in f"{self.path}&" for n in faults.non_json_starts
+            ):
+                server.stats.non_json += 1
                 self._raw_200(
                     b"<html><body>Service temporarily unavailable</body></html>", "text/html"
                 )
@@ -709,7 +714,14 @@ def _handler_for(server: InvocaServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-NOT_ON_CLI = {"status_every", "on_list_page", "glitch_pages", "fail_starts", "slow_starts"}
+NOT_ON_CLI = {
+    "status_every",
+    "on_list_page",
+    "glitch_pages",
+    "fail_starts",
+    "slow_starts",
+    "non_json_starts",
+}
 
 
 def main() -> None:

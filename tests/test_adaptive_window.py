@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from invoca_server import Faults
 
-from tap_invoca_destinations.client import decode_page
+from tap_invoca_destinations.client import Reply, decode_page
 from tap_invoca_destinations.paging import AdaptiveWindow, Cancelled, DaemonPool, Request
 from tap_invoca_destinations.tap import TapInvocaDestinations
 
@@ -211,8 +211,10 @@ def test_fetch_page_sends_and_retries_only_within_the_window(
     stream = t.cast("InvocaStream", tap.streams["destinations"])
     window = stream._adaptive = AdaptiveWindow(2, 2)  # noqa: SLF001 - as iter_pages sets it
     never = threading.Event()
-    pages: list[t.Any] = []
-    fetch = threading.Thread(target=lambda: pages.append(stream.fetch_page(Request(0, 10), never)))
+    replies: list[Reply] = []
+    fetch = threading.Thread(
+        target=lambda: replies.append(stream.fetch_page(Request(0, 10), never))
+    )
     with window.slot(never):
         fetch.start()
         deadline = time.monotonic() + 5
@@ -220,10 +222,10 @@ def test_fetch_page_sends_and_retries_only_within_the_window(
             time.sleep(0.01)
         time.sleep(0.3)
         assert server.stats.requests == 1  # the 503; its retry waits for room
-        assert not pages
+        assert not replies
     fetch.join(5)
     assert server.stats.requests == 2
-    assert decode_page(pages[0]).ids == server.ids()[:10]
+    assert decode_page(replies[0]).ids == server.ids()[:10]
 
 
 # --- end to end: a server that throttles above N requests in flight -------------------

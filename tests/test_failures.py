@@ -7,6 +7,7 @@ distinctive token at DEBUG level and checks it appears in nothing the tap wrote.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import time
 import typing as t
@@ -239,6 +240,33 @@ def test_non_json_body_ends_with_status_url_and_body_start(
         debug=True,
     )
     assert_no_secret(run, server)
+
+
+def test_a_bad_body_is_not_retried_and_nothing_after_it_is_written(
+    tmp_path: Path, make_server: Callable[..., InvocaServer]
+) -> None:
+    server = serve(make_server, Faults(non_json_starts=(9,)))
+    run = run_cli(tmp_path, config_for(server, page_size=10, max_concurrency=1))
+    assert_clean_failure(run, "HTTP 200", "not JSON")
+    assert server.stats.requests == 2
+    assert server.stats.non_json == 1
+    written = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [m["record"]["id"] for m in written if m["type"] == "RECORD"] == server.ids()[:10]
+
+
+def test_a_bad_page_past_the_end_is_discarded_unread(
+    tmp_path: Path, make_server: Callable[..., InvocaServer]
+) -> None:
+    # Without recordsTotal the window asks past the end. The last page (at 99) is slow,
+    # so the request at 109 surely goes out meanwhile; its HTML is never read.
+    faults = Faults(
+        total_form="absent", slow_starts=(99,), slow_seconds=0.5, non_json_starts=(109,)
+    )
+    server = make_server(100, faults=faults)
+    run = run_cli(tmp_path, config_for(server, page_size=10, max_concurrency=4))
+    assert run.returncode == 0, run.stderr
+    assert [r["id"] for r in run.records] == server.ids()
+    assert server.stats.non_json == 1
 
 
 def test_body_without_data_ends_clearly(

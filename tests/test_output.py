@@ -158,29 +158,38 @@ def test_idle_writes_out_the_lines_held_and_sees_a_reader_that_has_gone(
 BACKSTOP_SCRIPT = """
 import sys, time
 from tap_invoca_destinations.output import Backstop
+import os
 backstop = Backstop()
-if sys.argv[1] == "started":
-    backstop.start()
-backstop.trigger(57, 0.2)
-backstop.trigger(58, 0.0)  # a second signal: the first one's deadline stands
-time.sleep(3 if sys.argv[1] == "started" else 0.5)
+case = sys.argv[1]
+if case != "not started":
+    backstop.start(0.2)
+if case == "forked":
+    child = os.fork()
+    if child == 0:  # the child's stop is not the parent's
+        backstop.trigger(59)
+        os._exit(0)
+    os.waitpid(child, 0)
+else:
+    backstop.trigger(57)
+    backstop.trigger(58)  # a second signal: the first one's code stands
+time.sleep(3 if case == "started" else 0.5)
 print("slept")
 """
 
 
-@pytest.mark.parametrize(("started", "code"), [(True, 57), (False, 0)])
-def test_the_backstop_ends_the_process_at_its_deadline_once_started(
-    *, started: bool, code: int
+@pytest.mark.parametrize(("case", "code"), [("started", 57), ("not started", 0), ("forked", 0)])
+def test_the_backstop_ends_only_its_own_process_at_its_deadline_once_started(
+    case: str, code: int
 ) -> None:
     run = subprocess.run(
-        [sys.executable, "-c", BACKSTOP_SCRIPT, "started" if started else "not started"],
+        [sys.executable, "-c", BACKSTOP_SCRIPT, case],
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
     )
     assert run.returncode == code, run.stderr
-    if started:
+    if code:
         assert run.stdout == ""  # it ended the process 0.2 s into a 3 s sleep
     else:
         assert run.stdout == "slept\n"

@@ -271,9 +271,12 @@ def test_a_stop_ends_the_sync_even_when_nobody_reads_stderr(
         if write_end != -1:
             os.close(write_end)
     writer = BufferedSingerWriter
+    deadline = writer.STOP_GRACE_SECONDS + writer.EXIT_GRACE_SECONDS
     assert process.returncode == 143, f"exit {process.returncode} after {took:.1f} s"
-    assert took < writer.STOP_GRACE_SECONDS + writer.EXIT_GRACE_SECONDS + 3, f"took {took:.1f} s"
-    check_whole_lines_once(out, server, frontend)
+    # Only the backstop could end it (the stop line cannot be written), at its deadline.
+    assert deadline - 0.5 < took < deadline + 3, f"took {took:.1f} s"
+    if out:  # whether records got out before stderr filled depends on the log lines' length
+        check_whole_lines_once(out, server, frontend)
 
 
 def test_sighup_during_start_up_is_one_line(tmp_path: Path) -> None:
