@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import select
 import signal
 import stat
 import sys
@@ -12,10 +14,17 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 FILE_OPTIONS = ("--config", "--state", "--catalog")
 
 
-def _stop_during_start_up(signum: int, _frame: object) -> None:
-    # Until the tap installs its own handler, a stop needs no cleanup: nothing was sent.
-    os.write(2, f"tap-invoca-destinations: stopped by {signal.Signals(signum).name}\n".encode())
-    os._exit(128 + signum)
+def _handle_stops_during_start_up(program: str) -> None:
+    """Until the tap installs its own handler, a stop is one line and an exit: nothing was sent."""
+
+    def stop(signum: int, _frame: object) -> None:
+        with contextlib.suppress(OSError):  # no room in stderr's pipe: the line is not worth a hang
+            if select.select([], [2], [], 0)[1]:
+                os.write(2, f"{program}: stopped by {signal.Signals(signum).name}\n".encode())
+        os._exit(128 + signum)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stop)  # the SDK's imports take a while
 
 
 def _file_arguments(argv: list[str]) -> list[tuple[str, int, str]]:
@@ -85,9 +94,12 @@ def _checked_config(path: str) -> str:
 
 def main() -> None:
     """Run the tap's CLI; a failure before the tap is running is one line, not a traceback."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, _stop_during_start_up)  # the SDK's imports take a while
-    from tap_invoca_destinations.tap import TapInvocaDestinations  # noqa: PLC0415
+    _handle_stops_during_start_up("tap-invoca-destinations")
+    from tap_invoca_destinations.client import InvocaError  # noqa: PLC0415
+    from tap_invoca_destinations.output import SyncInterrupted  # noqa: PLC0415
+    from tap_invoca_destinations.tap import TapInvocaDestinations, start_backstop  # noqa: PLC0415
+
+    start_backstop()
 
     try:
         # The SDK reads these with a traceback (--config) or click's usage error
@@ -100,12 +112,23 @@ def main() -> None:
             else:
                 _check_file(option, path)
         TapInvocaDestinations.cli()
+    except SyncInterrupted as exc:  # outside a sync (--test): the SDK runs it, not invoke
+        sys.stderr.write(f"tap-invoca-destinations: stopped by {exc.signal_name}\n")
+        sys.stderr.flush()
+        os._exit(exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - e.g. a --config file that cannot be read
         detail = " ".join(str(exc).split()) or type(exc).__name__
-        sys.stderr.write(
-            f"tap-invoca-destinations: could not start: {type(exc).__name__}: {detail}\n"
-        )
+        what = "failed" if isinstance(exc, InvocaError) else "could not start"  # e.g. --test
+        sys.stderr.write(f"tap-invoca-destinations: {what}: {type(exc).__name__}: {detail}\n")
         sys.exit(1)
+
+
+def airbyte_main() -> None:
+    """Run ``source-invoca-destinations``, with stops handled from the start."""
+    _handle_stops_during_start_up("source-invoca-destinations")
+    from tap_invoca_destinations.airbyte import main as run_command  # noqa: PLC0415
+
+    run_command(sys.argv[1:])
 
 
 if __name__ == "__main__":

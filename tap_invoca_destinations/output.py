@@ -220,6 +220,7 @@ class BufferedSingerWriter(GenericSingerWriter[bytes, Message]):
         self._pending = bytearray()
         self._writing = False
         self._held_signal: int | None = None
+        self._stopping: int | None = None  # the signal that stopped the sync, once one did
         self._closed = False
 
     @override
@@ -371,10 +372,15 @@ class BufferedSingerWriter(GenericSingerWriter[bytes, Message]):
         the signal is held and raised as soon as the block is complete. Either
         way ``BACKSTOP`` ends the process ``STOP_GRACE_SECONDS`` +
         ``EXIT_GRACE_SECONDS`` after the signal if it has not ended by then.
+        Only the first signal counts: a second one neither restarts the grace
+        nor changes the exit code.
 
         Raises:
             SyncInterrupted: When it is safe to stop.
         """
+        if self._stopping is not None:
+            return  # a stop is under way: its signal, its grace and its exit code stand
+        self._stopping = signum
         BACKSTOP.trigger(exit_code(signum))
         if self._writing:
             self._held_signal = signum

@@ -30,10 +30,13 @@ from singer_sdk.mapper import SameRecordTransform
 from singer_sdk.streams import RESTStream
 
 from tap_invoca_destinations.output import (
+    BACKSTOP,
     RECORD_PLACEHOLDER,
     BufferedSingerWriter,
     OutputClosed,
+    SyncInterrupted,
     checkpoint_runs,
+    exit_code,
 )
 
 if sys.version_info >= (3, 12):
@@ -178,7 +181,11 @@ class SeamTap(Tap):
     def _handle_termination(self, signum: int, frame: FrameType | None) -> None:
         # The SDK writes a STATE from inside the handler (possibly in the middle of
         # a write) and exits 0; a stopped sync is not a success.
-        t.cast("BufferedSingerWriter", self.message_writer).interrupt(signum)
+        writer = getattr(self, "message_writer", None)
+        if not isinstance(writer, BufferedSingerWriter):  # the SDK sets the handler first
+            BACKSTOP.trigger(exit_code(signum))
+            raise SyncInterrupted(signum)
+        writer.interrupt(signum)
 
     @classmethod
     def settings_schema(cls) -> dict[str, t.Any]:

@@ -392,7 +392,6 @@ class TapInvocaDestinations(SeamTap):
         # At exit the interpreter's GC passes walk every object of the SDK's ~650
         # modules (0.2-0.3 s a run); freezing them first makes those passes skip them.
         atexit.register(gc.freeze)
-        start_backstop()
         try:
             super().invoke(
                 state=None if state is None else checked_state_file(state),

@@ -193,3 +193,15 @@ def test_the_backstop_ends_only_its_own_process_at_its_deadline_once_started(
         assert run.stdout == ""  # it ended the process 0.2 s into a 3 s sleep
     else:
         assert run.stdout == "slept\n"
+
+
+def test_a_stop_before_the_tap_has_its_writer_stops_the_sync() -> None:
+    # The SDK installs the tap's signal handler before it creates the message writer.
+    import signal  # noqa: PLC0415 - only this test needs it
+
+    from tap_invoca_destinations.tap import TapInvocaDestinations  # noqa: PLC0415
+
+    tap = object.__new__(TapInvocaDestinations)
+    with pytest.raises(output.SyncInterrupted) as stopped:
+        tap._handle_termination(signal.SIGTERM, None)
+    assert stopped.value.exit_code == 143

@@ -279,16 +279,14 @@ def test_a_stop_ends_the_sync_even_when_nobody_reads_stderr(
         check_whole_lines_once(out, server, frontend)
 
 
-def test_sighup_during_start_up_is_one_line(tmp_path: Path) -> None:
+def test_sighup_during_start_up_is_one_line(tmp_path: Path, frontend: Frontend) -> None:
     config = {
         "api_token": "SECRET-hup-4c1d",
         "network_id": "1234",
         "base_url": "http://127.0.0.1:9",
     }
-    config_path = tmp_path / "config.json"
-    config_path.write_text(json.dumps(config))
     with subprocess.Popen(
-        [TAP, "--config", str(config_path)],
+        frontend.sync_command(tmp_path, config),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=clean_env(),
@@ -304,9 +302,65 @@ def test_sighup_during_start_up_is_one_line(tmp_path: Path) -> None:
         process.send_signal(signal.SIGHUP)
         out, err = process.communicate(timeout=30)
     stderr = err.decode()
+    program = "source-invoca-destinations" if frontend.airbyte else "tap-invoca-destinations"
     assert process.returncode == 129, stderr
-    assert stderr.strip().splitlines() == ["tap-invoca-destinations: stopped by SIGHUP"]
+    assert stderr.strip().splitlines() == [f"{program}: stopped by SIGHUP"]
     assert out == b""
+
+
+def test_a_second_signal_changes_neither_the_grace_nor_the_exit_code(
+    tmp_path: Path, make_server: Callable[..., InvocaServer]
+) -> None:
+    # The target reads nothing; SIGINT, then SIGTERM 3 s into the grace. The write is
+    # abandoned 5 s after the first signal, with its code and the stop line; a second
+    # signal restarting the grace let the backstop end the tap at 7 s, with no line.
+    server = make_server(20_000)
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(config_for(server)))
+    with subprocess.Popen(
+        [TAP, "--config", str(config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+        cwd=tmp_path,
+    ) as process:
+        wait_until_blocked_writing(process)
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        time.sleep(3)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=30)
+        took = time.monotonic() - signalled
+    stderr = err.decode()
+    assert process.returncode == 130, stderr
+    assert "Sync stopped by SIGINT" in stderr
+    assert took < BufferedSingerWriter.STOP_GRACE_SECONDS + 1.5, f"took {took:.1f} s"
+    assert out.endswith(b"\n")
+
+
+def test_a_signal_during_the_connection_test_is_one_line(
+    tmp_path: Path, make_server: Callable[..., InvocaServer]
+) -> None:
+    # --test runs outside the sync (the SDK's CLI calls it directly).
+    server = make_server(100, faults=Faults(slow_every=1, slow_seconds=20))
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(config_for(server)))
+    with subprocess.Popen(
+        [TAP, "--config", str(config_path), "--test"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+        cwd=tmp_path,
+    ) as process:
+        deadline = time.monotonic() + 30
+        while server.stats.requests == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+    stderr = err.decode()
+    assert process.returncode == 143, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == "tap-invoca-destinations: stopped by SIGTERM"
 
 
 def test_a_non_blocking_stdout_with_a_slow_reader_gets_every_record(
