@@ -236,16 +236,33 @@ def test_signal_while_the_target_reads_nothing_stops_after_the_grace_period(
     assert len(check_whole_lines_once(out, server, frontend)) > 10
 
 
+def nearly_full_pipe(room: int) -> tuple[int, int]:
+    """A pipe (read end, write end) whose buffer has only ``room`` bytes left."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    os.write(write_end, b"-" * (fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ) - room))
+    os.set_blocking(write_end, True)
+    return read_end, write_end
+
+
+def wait_until_importing(process: subprocess.Popen[bytes]) -> None:
+    """Return once ``process`` is inside the SDK's imports (its own handler not yet set)."""
+    maps = Path(f"/proc/{process.pid}/maps")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and process.poll() is None:
+        with contextlib.suppress(OSError):
+            if "_ssl" in maps.read_text():
+                return
+        time.sleep(0.001)
+
+
 def test_a_stop_ends_the_sync_even_when_nobody_reads_stderr(
     tmp_path: Path, make_server: Callable[..., InvocaServer], frontend: Frontend
 ) -> None:
     # stderr's pipe is all but full and nobody reads it or stdout: the tap blocks
     # in a log line, the stop's own line blocks too, and only the backstop ends it.
     server = make_server(20_000)
-    read_end, write_end = os.pipe()
-    os.set_blocking(write_end, False)
-    os.write(write_end, b"-" * (fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ) - 2000))
-    os.set_blocking(write_end, True)
+    read_end, write_end = nearly_full_pipe(room=2000)
     try:
         with subprocess.Popen(
             frontend.sync_command(tmp_path, config_for(server)),
@@ -292,13 +309,7 @@ def test_sighup_during_start_up_is_one_line(tmp_path: Path, frontend: Frontend) 
         env=clean_env(),
         cwd=tmp_path,
     ) as process:
-        maps = Path(f"/proc/{process.pid}/maps")
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and process.poll() is None:
-            with contextlib.suppress(OSError):
-                if "_ssl" in maps.read_text():  # inside the SDK's imports
-                    break
-            time.sleep(0.001)
+        wait_until_importing(process)
         process.send_signal(signal.SIGHUP)
         out, err = process.communicate(timeout=30)
     stderr = err.decode()
@@ -306,6 +317,30 @@ def test_sighup_during_start_up_is_one_line(tmp_path: Path, frontend: Frontend) 
     assert process.returncode == 129, stderr
     assert stderr.strip().splitlines() == [f"{program}: stopped by SIGHUP"]
     assert out == b""
+
+
+def test_a_stop_during_start_up_with_no_room_in_stderr_skips_its_line(tmp_path: Path) -> None:
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps({"api_token": "x", "network_id": "1", "base_url": "x"}))
+    read_end, write_end = nearly_full_pipe(room=0)
+    try:
+        with subprocess.Popen(
+            [TAP, "--config", str(config_path)],
+            stdout=subprocess.PIPE,
+            stderr=write_end,
+            env=clean_env(),
+            cwd=tmp_path,
+        ) as process:
+            wait_until_importing(process)
+            process.send_signal(signal.SIGHUP)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=10)
+            if process.poll() is None:
+                process.kill()
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert process.returncode == 129
 
 
 def test_a_second_signal_changes_neither_the_grace_nor_the_exit_code(
