@@ -786,7 +786,7 @@ class InvocaStream(SeamStream):
         """GET one page, retrying transient failures (see ``paging.RetryPolicy``).
 
         Returns the successful reply undecoded: the reader decodes it on its own
-        thread (``decode_page``), which measured 0.92-0.96 of the wall time of
+        thread (``decode_page``), which measured 0.84-0.96 of the wall time of
         decoding here (see docs/performance.md).
 
         Raises:
