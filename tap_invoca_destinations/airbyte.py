@@ -508,11 +508,14 @@ def main(argv: list[str] | None = None) -> None:
         source.fail(str(exc), exc.failure_type)
     except SyncInterrupted as exc:
         # As for the Singer tap: nothing more on stdout, whose reader may be gone.
-        logger.error(  # noqa: TRY400 - one line; the traceback helps nobody
-            "Sync stopped by %s: every message written so far is complete; no final STATE "
-            "was written, so the next sync starts from the previous one",
-            exc.signal_name,
-        )
+        if args.command == "read":
+            logger.error(  # noqa: TRY400 - one line; the traceback helps nobody
+                "Sync stopped by %s: every message written so far is complete; no final "
+                "STATE was written, so the next sync starts from the previous one",
+                exc.signal_name,
+            )
+        else:
+            logger.error("%s stopped by %s", args.command.capitalize(), exc.signal_name)  # noqa: TRY400
         _exit_now(exc.exit_code)
     except OutputClosed as exc:
         logger.error("Sync stopped: %s", exc)  # noqa: TRY400

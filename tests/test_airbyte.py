@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import signal
 import subprocess
 import time
 import tomllib
@@ -149,6 +150,33 @@ def test_check_fails_with_the_taps_one_line_reason(
     assert status["status"] == "FAILED"
     assert needle in status["message"]
     assert "\n" not in status["message"]
+
+
+def test_a_signal_during_check_is_one_line_about_the_check(
+    tmp_path: Path, make_server: Factory
+) -> None:
+    server = make_server(10, token=TOKEN, faults=Faults(slow_every=1, slow_seconds=20))
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(config_for(server)))
+    with subprocess.Popen(
+        [SOURCE, "check", "--config", str(config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+        cwd=tmp_path,
+    ) as process:
+        deadline = time.monotonic() + 30
+        while server.stats.requests == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=30)
+    stderr = err.decode()
+    assert process.returncode == 143, stderr
+    assert [line for line in stderr.splitlines() if "ERROR" in line][-1].endswith(
+        "Check stopped by SIGTERM"
+    )
+    assert "STATE" not in stderr
+    assert out == b""
 
 
 def test_check_of_an_unreachable_host_fails_within_the_request_timeout(tmp_path: Path) -> None:
