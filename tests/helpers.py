@@ -8,6 +8,7 @@ import io
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import termios
@@ -186,3 +187,18 @@ def wait_until_blocked_writing(process: subprocess.Popen[bytes], timeout: float 
         assert process.poll() is None, f"exited with {process.returncode} before blocking"
         assert time.monotonic() < deadline, f"not blocked on its stdout after {timeout} s"
         time.sleep(0.01)
+
+
+def sigterm_once_asked(
+    argv: list[str], server: InvocaServer, cwd: Path
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ``argv``; send SIGTERM as soon as ``server`` has a request; return how it ended."""
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env(), cwd=cwd
+    ) as process:
+        deadline = time.monotonic() + 30
+        while server.stats.requests == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=30)
+    return subprocess.CompletedProcess(argv, process.returncode, out, err)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-import signal
 import subprocess
 import time
 import tomllib
@@ -26,7 +25,7 @@ from frontends import (
     check_airbyte_run,
     validate_airbyte_lines,
 )
-from helpers import ROOT, clean_env, config_for, run_cli
+from helpers import ROOT, clean_env, config_for, run_cli, sigterm_once_asked
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from invoca_server import Faults, InvocaServer
@@ -158,25 +157,14 @@ def test_a_signal_during_check_is_one_line_about_the_check(
     server = make_server(10, token=TOKEN, faults=Faults(slow_every=1, slow_seconds=20))
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps(config_for(server)))
-    with subprocess.Popen(
-        [SOURCE, "check", "--config", str(config_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=clean_env(),
-        cwd=tmp_path,
-    ) as process:
-        deadline = time.monotonic() + 30
-        while server.stats.requests == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        process.send_signal(signal.SIGTERM)
-        out, err = process.communicate(timeout=30)
-    stderr = err.decode()
-    assert process.returncode == 143, stderr
+    run = sigterm_once_asked([SOURCE, "check", "--config", str(config_path)], server, tmp_path)
+    stderr = run.stderr.decode()
+    assert run.returncode == 143, stderr
     assert [line for line in stderr.splitlines() if "ERROR" in line][-1].endswith(
         "Check stopped by SIGTERM"
     )
     assert "STATE" not in stderr
-    assert out == b""
+    assert run.stdout == b""
 
 
 def test_check_of_an_unreachable_host_fails_within_the_request_timeout(tmp_path: Path) -> None:

@@ -15,7 +15,8 @@ import typing as t
 from pathlib import Path
 
 import pytest
-from helpers import clean_env, config_for, wait_until_blocked_writing
+from frontends import SINGER
+from helpers import clean_env, config_for, sigterm_once_asked, wait_until_blocked_writing
 from invoca_server import Faults, InvocaServer
 
 from tap_invoca_destinations.output import BufferedSingerWriter
@@ -302,13 +303,7 @@ def test_sighup_during_start_up_is_one_line(tmp_path: Path, frontend: Frontend) 
         "network_id": "1234",
         "base_url": "http://127.0.0.1:9",
     }
-    with subprocess.Popen(
-        frontend.sync_command(tmp_path, config),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=clean_env(),
-        cwd=tmp_path,
-    ) as process:
+    with frontend.start(tmp_path, config) as process:
         wait_until_importing(process)
         process.send_signal(signal.SIGHUP)
         out, err = process.communicate(timeout=30)
@@ -350,15 +345,7 @@ def test_a_second_signal_changes_neither_the_grace_nor_the_exit_code(
     # abandoned 5 s after the first signal, with its code and the stop line; a second
     # signal restarting the grace let the backstop end the tap at 7 s, with no line.
     server = make_server(20_000)
-    config_path = tmp_path / "config.json"
-    config_path.write_text(json.dumps(config_for(server)))
-    with subprocess.Popen(
-        [TAP, "--config", str(config_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=clean_env(),
-        cwd=tmp_path,
-    ) as process:
+    with SINGER.start(tmp_path, config_for(server)) as process:
         wait_until_blocked_writing(process)
         signalled = time.monotonic()
         process.send_signal(signal.SIGINT)
@@ -380,20 +367,9 @@ def test_a_signal_during_the_connection_test_is_one_line(
     server = make_server(100, faults=Faults(slow_every=1, slow_seconds=20))
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps(config_for(server)))
-    with subprocess.Popen(
-        [TAP, "--config", str(config_path), "--test"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=clean_env(),
-        cwd=tmp_path,
-    ) as process:
-        deadline = time.monotonic() + 30
-        while server.stats.requests == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=30)
-    stderr = err.decode()
-    assert process.returncode == 143, stderr
+    run = sigterm_once_asked([TAP, "--config", str(config_path), "--test"], server, tmp_path)
+    stderr = run.stderr.decode()
+    assert run.returncode == 143, stderr
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == "tap-invoca-destinations: stopped by SIGTERM"
 
