@@ -42,10 +42,18 @@ from tap_invoca_destinations.paging import (
     RetryPolicy,
     Step,
     UnsettledListError,
+    Watchdog,
+    settle,
 )
 from tap_invoca_destinations.records import INT64_MAX, INT64_MIN, PageDecoder, as_int64
 from tap_invoca_destinations.sdk_seam import SeamStream
-from tap_invoca_destinations.transport import CuttableAdapter, InFlight, PageTransport, sending
+from tap_invoca_destinations.transport import (
+    CuttableAdapter,
+    InFlight,
+    PageTransport,
+    SentRequest,
+    sending,
+)
 
 if t.TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
@@ -114,6 +122,16 @@ class RetriableReply(Exception):  # noqa: N818 - a signal to the retry loop, cau
         self.reason = f"HTTP {reply.status}"
         self.retry_after = retry_after_seconds(reply.headers.get("Retry-After"))
         self.throttled = reply.status == HTTPStatus.TOO_MANY_REQUESTS
+
+
+# What one attempt may fail with that the retry loop (``fetch_page``) judges.
+ATTEMPT_FAILURES = (
+    RetriableReply,
+    requests.RequestException,
+    OSError,
+    urllib3.exceptions.HTTPError,
+)
+WATCHDOG = Watchdog()  # the deadline of the response the reader is reading itself
 
 
 @dataclass
@@ -325,8 +343,10 @@ def read_body(  # noqa: PLR0913 - the request's deadline and bounds
                 chunks.append(chunk)
                 size += len(chunk)
             if abandoned.is_set() or time.monotonic() > deadline:
-                msg = f"no complete response within request_timeout={timeout:g} s"
-                raise requests.exceptions.ReadTimeout(msg)
+                break
+        if abandoned.is_set() or time.monotonic() > deadline:  # a cut may look like the end
+            msg = f"no complete response within request_timeout={timeout:g} s"
+            raise requests.exceptions.ReadTimeout(msg)
         rest = inflater.finish() if inflater is not None else b""
         if size + len(rest) > limit or (budget is not None and not budget.take(len(rest))):
             raise _too_big(response, path, f"{limit:,} bytes", records)
@@ -560,6 +580,86 @@ def _record_id(reply: Reply, raw_id: object) -> int:
     return record_id
 
 
+class SentPage:
+    """A page request sent ahead (``InvocaStream.send_ahead``), for a ``PrefetchWindow``.
+
+    Its response is read on the reader's thread when its turn comes; a failure
+    worth retrying goes on, with its retries, to ``fetch_page`` on a daemon
+    thread, so that the reader keeps its output alive while they wait.
+    """
+
+    def __init__(  # noqa: PLR0913 - the request, and its place in the window
+        self,
+        stream: InvocaStream,
+        request: Request,
+        cancel: threading.Event,
+        sent: SentRequest,
+        *,
+        window: AdaptiveWindow,
+        ticket: int,
+    ) -> None:
+        """Hold ``sent`` and its place (``ticket``) in ``window``."""
+        self._stream, self._request, self._cancel = stream, request, cancel
+        self._sent, self._window, self._ticket = sent, window, ticket
+        self._held = True
+        self._deadline: float | None = None
+
+    def ready(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the response to start; True once it has or its time is up.
+
+        The request's timeout counts from the first call (``paging.SentAhead``).
+        """
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self._stream.timeout
+        remaining = self._deadline - time.monotonic()
+        answered = self._sent.ready(max(min(timeout, remaining), 0.0))
+        if answered or time.monotonic() >= self._deadline:
+            self._give_back()
+            return True
+        return False
+
+    def look(self) -> None:
+        """Give the place on the wire back once the response has started (``paging.SentAhead``)."""
+        if self._held and (
+            self._sent.ready(0.0) or time.monotonic() - self._sent.sent_at > self._stream.timeout
+        ):
+            self._give_back()
+
+    def read(self, result: Future[Reply]) -> None:
+        """Read the response into ``result``, or hand it to ``fetch_page``'s retries."""
+        stream = self._stream
+        try:
+            try:
+                deadline = self._deadline or time.monotonic() + stream.timeout
+                reply = stream.read_sent(self._sent, self._request.limit, deadline)
+            finally:
+                self._give_back()
+            check_status(reply)
+        except ATTEMPT_FAILURES as exc:
+            failed = (exc, self._ticket)
+            WORKERS.run(
+                lambda: settle(
+                    result, lambda: stream.fetch_page(self._request, self._cancel, failed)
+                )
+            )
+            return
+        except Exception as exc:  # noqa: BLE001 - raised by the window's pop
+            result.set_exception(exc)
+            return
+        self._window.prompt(self._ticket, reply.seconds)
+        result.set_result(reply)
+
+    def drop(self) -> None:
+        """Close the connection, its response unread."""
+        self._sent.drop()
+        self._give_back()
+
+    def _give_back(self) -> None:
+        if self._held:
+            self._held = False
+            self._window.give_back()
+
+
 class InvocaStream(SeamStream):
     """Base stream for Invoca's network API: auth, retries, and safe, ordered paging.
 
@@ -725,16 +825,27 @@ class InvocaStream(SeamStream):
     ) -> Reply:
         began = time.monotonic()
         timeout = max(deadline - began, 0.001)
-        transport = self.page_transport
-        response = transport.get(params, self.http_headers, timeout)
+        response = self.page_transport.get(params, self.http_headers, timeout)
+        return self._reply(response, began, deadline, abandoned, int(params.get("limit", 100)))
+
+    def _reply(
+        self,
+        response: urllib3.BaseHTTPResponse,
+        began: float,
+        deadline: float,
+        abandoned: threading.Event,
+        records: int,
+    ) -> Reply:
+        """Read the body within the deadline and note the reply (metrics, server date)."""
+        path = self.page_transport.path
         try:
             body = read_body(
                 response,
-                transport.path,
+                path,
                 deadline,
                 abandoned,
                 self.timeout,
-                records=int(params.get("limit", 100)),
+                records=records,
                 budget=self.body_budget,
             )
         except BaseException:
@@ -744,7 +855,7 @@ class InvocaStream(SeamStream):
         reply = Reply(
             status=response.status,
             reason=response.reason or "",
-            path=transport.path,
+            path=path,
             headers=response.headers,
             body=body,
             seconds=time.monotonic() - began,
@@ -752,6 +863,57 @@ class InvocaStream(SeamStream):
         )
         self._note_reply(reply)
         return reply
+
+    def send_ahead(self, request: Request, cancel: threading.Event) -> SentPage | None:
+        """Send ``request`` from this (the reader's) thread if it can go now, on an open connection.
+
+        None when it cannot (no room in the window, no idle open connection, a
+        proxy, a wait before sending): ``fetch_page`` then runs it on a thread.
+        """
+        adaptive = self._adaptive
+        if adaptive is None or request.backoff:
+            return None
+        ticket = adaptive.take()
+        if ticket is None:
+            return None
+        try:
+            sent = self.page_transport.send_ahead(
+                self._params(request), self.http_headers, self.timeout
+            )
+        except requests.RequestException:
+            sent = None  # fetch_page raises it, named as every transport failure is
+        if sent is None:
+            adaptive.give_back()
+            return None
+        return SentPage(self, request, cancel, sent, window=adaptive, ticket=ticket)
+
+    def read_sent(self, sent: SentRequest, records: int, deadline: float) -> Reply:
+        """Read the response to a request sent ahead, on this thread, by ``deadline``.
+
+        The deadline counts from when the reader began waiting for this
+        response, not from the send: the response may have waited for the reader.
+
+        Raises:
+            requests.exceptions.ReadTimeout: If the response is not complete in time.
+        """
+        timeout = self.timeout
+        in_flight, abandoned = InFlight(), threading.Event()
+
+        def cut() -> None:
+            abandoned.set()
+            in_flight.cut()
+
+        WATCHDOG.watch(deadline, cut)
+        try:
+            with sending(in_flight):
+                return self._reply(sent.response(), sent.sent_at, deadline, abandoned, records)
+        except (requests.RequestException, OSError, urllib3.exceptions.HTTPError):
+            if abandoned.is_set():
+                msg = f"no complete response within request_timeout={timeout:g} s"
+                raise requests.exceptions.ReadTimeout(msg) from None
+            raise
+        finally:
+            WATCHDOG.clear()
 
     def _note_reply(self, reply: Reply) -> None:
         if self._window is None:
@@ -782,43 +944,47 @@ class InvocaStream(SeamStream):
 
     # --- retries -------------------------------------------------------------
 
-    def fetch_page(self, request: Request, cancel: threading.Event) -> Reply:
+    def fetch_page(
+        self,
+        request: Request,
+        cancel: threading.Event,
+        failed: tuple[Exception, int] | None = None,
+    ) -> Reply:
         """GET one page, retrying transient failures (see ``paging.RetryPolicy``).
 
         Returns the successful reply undecoded: the reader decodes it on its own
         thread (``decode_page``), which measured 0.84-0.96 of the wall time of
-        decoding here (see docs/performance.md).
+        decoding here (see docs/performance.md). ``failed`` is the failure and
+        ticket of a first attempt made already (sent ahead, see ``SentPage``).
 
         Raises:
             InvocaError: On a fatal status, a TLS or header problem, or exhausted retries.
             Cancelled: If ``cancel`` is set while waiting to retry.
         """
-        params = {**self.filter_params(), "limit": request.limit, "start": request.start}
+        params = self._params(request)
         if request.backoff:  # a request confirming a doubtful end (see Pager)
             self._pause(self.retry_policy.backoff(request.backoff), cancel)
         waited = 0.0
         attempt = 0
         while True:
             attempt += 1
-            adaptive = self._adaptive
-            slot = adaptive.slot(cancel) if adaptive is not None else contextlib.nullcontext(0)
-            ticket = 0
-            try:
-                with slot as ticket:
-                    reply = self.send(params)
-                check_status(reply)
-            except RetriableReply as exc:
-                reason, retry_after, failure = exc.reason, exc.retry_after, str(exc)
-                self._window_trouble(ticket, reason)
-            except (requests.RequestException, OSError, urllib3.exceptions.HTTPError) as exc:
-                reason, failure = self.transport_failure(exc)
-                retry_after = None
-                if isinstance(exc, (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError)):
-                    self._window_trouble(ticket, reason)
+            if failed is not None:
+                (first, ticket), failed = failed, None
+                reason, retry_after, failure = self._judge(first, ticket)
             else:
-                if adaptive is not None:
-                    adaptive.prompt(ticket, reply.seconds)
-                return reply
+                adaptive = self._adaptive
+                slot = adaptive.slot(cancel) if adaptive is not None else contextlib.nullcontext(0)
+                ticket = 0
+                try:
+                    with slot as ticket:
+                        reply = self.send(params)
+                    check_status(reply)
+                except ATTEMPT_FAILURES as exc:
+                    reason, retry_after, failure = self._judge(exc, ticket)
+                else:
+                    if adaptive is not None:
+                        adaptive.prompt(ticket, reply.seconds)
+                    return reply
             if cancel.is_set():
                 raise Cancelled  # no longer wanted: neither retried nor logged
             policy = self.retry_policy
@@ -837,6 +1003,23 @@ class InvocaStream(SeamStream):
             )
             self._pause(wait, cancel)
             waited += wait
+
+    def _judge(self, exc: Exception, ticket: int) -> tuple[str, float | None, str]:
+        """What a failed attempt means to the retry loop: (reason, Retry-After, message).
+
+        Raises:
+            InvocaError: If retrying cannot help (see ``transport_failure``).
+        """
+        if isinstance(exc, RetriableReply):
+            self._window_trouble(ticket, exc.reason)
+            return exc.reason, exc.retry_after, str(exc)
+        reason, failure = self.transport_failure(exc)
+        if isinstance(exc, (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError)):
+            self._window_trouble(ticket, reason)
+        return reason, None, failure
+
+    def _params(self, request: Request) -> dict[str, t.Any]:
+        return {**self.filter_params(), "limit": request.limit, "start": request.start}
 
     def _pause(self, seconds: float, cancel: threading.Event) -> None:
         """Wait before a retry (counted as one).
@@ -901,7 +1084,7 @@ class InvocaStream(SeamStream):
             self.server_date_at_start = None
             self._got_reply = False
             self.request_count = self.retry_count = 0
-        window: PrefetchWindow[Reply] = PrefetchWindow(self.fetch_page)
+        window: PrefetchWindow[Reply] = PrefetchWindow(self.fetch_page, self.send_ahead)
         adaptive = AdaptiveWindow(start=WINDOW_START, ceiling=self.max_concurrency)
         self._window, self._adaptive = window, adaptive
         began = last_progress = time.monotonic()

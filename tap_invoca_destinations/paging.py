@@ -3,8 +3,10 @@
 ``Pager`` decides, from per-page facts only (offset and limit asked, ids received,
 the ``recordsTotal`` hint), what to request next and which part of each page is
 new. ``RetryPolicy`` turns an attempt number, ``Retry-After`` and the budget used
-into a wait or a refusal. ``PrefetchWindow`` runs fetches on daemon threads and
-hands their results back strictly in the order they were asked for.
+into a wait or a refusal. ``PrefetchWindow`` keeps fetches in flight (sent ahead
+and read by the consumer, or run on daemon threads) and hands their results back
+strictly in the order they were asked for; ``Watchdog`` ends the consumer's
+reads at their deadline.
 """
 
 from __future__ import annotations
@@ -508,40 +510,74 @@ class DaemonPool:
 WORKERS = DaemonPool("invoca-worker")
 
 
-class PrefetchWindow(t.Generic[T]):
-    """Fetches in flight on daemon threads, consumed strictly in submission order.
+class SentAhead(t.Protocol[T]):
+    """A fetch on the wire whose answer the consumer reads itself (see ``PrefetchWindow``)."""
 
-    Daemon threads, not an executor: a fatal error or a signal ends the process
-    at once instead of waiting for requests still running. Each fetch gets an
-    event that is set when its result is no longer wanted, so a fetch waiting to
-    retry stops at once.
+    def ready(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the answer to start; True once it has, or never will.
+
+        Called while it is the oldest fetch: its deadline counts from the first call.
+        """
+        ...
+
+    def look(self) -> None:
+        """Note, without waiting, whether the answer has started (while an older fetch is awaited).
+
+        A fetch sent ahead holds a place on the wire (``AdaptiveWindow.take``)
+        until its answer starts or its deadline passes; it gives the place back
+        then, so that retries waiting for a place are not held up by answers
+        that only wait to be read.
+        """
+        ...
+
+    def read(self, result: Future[T]) -> None:
+        """Read the answer into ``result``, or leave ``result`` to a daemon thread (retries)."""
+        ...
+
+    def drop(self) -> None:
+        """Give up on the answer, unread."""
+        ...
+
+
+class PrefetchWindow(t.Generic[T]):
+    """Fetches in flight, consumed strictly in submission order.
+
+    A fetch is sent ahead by ``send_ahead`` when it can be (its answer is then
+    read on the consumer's thread when its turn comes: no thread hands it over,
+    and the interpreter lock stays with one thread), else run whole by
+    ``fetch`` on a daemon thread. Daemon threads, not an executor: a fatal
+    error or a signal ends the process at once instead of waiting for requests
+    still running. Each fetch gets an event that is set when its result is no
+    longer wanted, so a fetch waiting to retry stops at once.
     """
 
-    def __init__(self, fetch: Callable[[Request, threading.Event], T]) -> None:
+    LOOK_AHEAD_SECONDS = 0.05  # how often answers sent ahead are looked at while a thread works
+
+    def __init__(
+        self,
+        fetch: Callable[[Request, threading.Event], T],
+        send_ahead: Callable[[Request, threading.Event], SentAhead[T] | None] | None = None,
+    ) -> None:
         """Prepare to run ``fetch``; how many at once is the caller's (see ``AdaptiveWindow``)."""
         self._fetch = fetch
+        self._send_ahead = send_ahead
         self._idled_at = time.monotonic()
-        self._slots: collections.deque[tuple[Request, Future[T], threading.Event]] = (
-            collections.deque()
-        )
+        self._slots: collections.deque[
+            tuple[Request, Future[T], threading.Event, SentAhead[T] | None]
+        ] = collections.deque()
 
     def __len__(self) -> int:
         """Fetches in flight."""
         return len(self._slots)
 
     def submit(self, request: Request) -> None:
-        """Start fetching ``request`` now."""
+        """Send ``request`` ahead now, or start fetching it on a daemon thread."""
         future: Future[T] = Future()
         cancel = threading.Event()
-
-        def run() -> None:
-            try:
-                future.set_result(self._fetch(request, cancel))
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-                future.set_exception(exc)
-
-        self._slots.append((request, future, cancel))
-        WORKERS.run(run)
+        sent = self._send_ahead(request, cancel) if self._send_ahead is not None else None
+        self._slots.append((request, future, cancel, sent))
+        if sent is None:
+            WORKERS.run(lambda: settle(future, lambda: self._fetch(request, cancel)))
 
     def pop(self, idle: Callable[[], None] | None = None, every: float = 1.0) -> tuple[Request, T]:
         """Wait for the oldest fetch and return it (its exception is raised here).
@@ -549,22 +585,103 @@ class PrefetchWindow(t.Generic[T]):
         While waiting, ``idle`` is called once per ``every`` seconds of waiting,
         counted across pops. If it raises, the fetch stays in the window, for ``discard``.
         """
-        request, future, _ = self._slots[0]
-        while idle is not None and not future.done():
-            wait = self._idled_at + every - time.monotonic()
-            if wait <= 0:
-                idle()
-                self._idled_at = time.monotonic()
+        request, future, cancel, sent = self._slots[0]
+        if sent is not None:
+            while idle is not None and not sent.ready(
+                max(self._idled_at + every - time.monotonic(), 0.0)
+            ):
+                self._idle(idle)
+            self._slots[0] = (request, future, cancel, None)
+            sent.read(future)
+        while not future.done():
+            if idle is not None and time.monotonic() >= self._idled_at + every:
+                self._idle(idle)
                 continue
+            # Answers sent ahead behind this one are looked at meanwhile: one that
+            # has started arriving gives its place on the wire back (see SentAhead).
+            ahead = [later for _, _, _, later in self._slots if later is not None]
+            for later in ahead:
+                later.look()
+            wait = None if idle is None else self._idled_at + every - time.monotonic()
+            if ahead:
+                wait = (
+                    self.LOOK_AHEAD_SECONDS if wait is None else min(wait, self.LOOK_AHEAD_SECONDS)
+                )
             with contextlib.suppress(TimeoutError):  # concurrent.futures' own since 3.11
                 future.exception(timeout=wait)
         self._slots.popleft()
         return request, future.result()
 
+    def _idle(self, idle: Callable[[], None]) -> None:
+        idle()
+        self._idled_at = time.monotonic()
+
     def discard(self) -> None:
-        """Drop every fetch in flight; their threads end on their own."""
+        """Drop every fetch in flight: answers sent ahead unread; threads end on their own."""
         while self._slots:
-            self._slots.pop()[2].set()
+            _, _, cancel, sent = self._slots.pop()
+            cancel.set()
+            if sent is not None:
+                sent.drop()
+
+
+def settle(future: Future[T], work: Callable[[], T]) -> None:
+    """Run ``work`` and put its result or exception in ``future`` (for a daemon thread)."""
+    try:
+        future.set_result(work())
+    except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+        future.set_exception(exc)
+
+
+class Watchdog:
+    """Calls a read's ``cut`` once its deadline passes: one read watched at a time.
+
+    The consumer reads the answers sent ahead one after another, so one
+    watched read is enough; a read's socket timeout bounds each receive, not a
+    server that trickles bytes (see ``transport.InFlight``). Its thread wakes
+    only at deadlines (or is woken when it has nothing to watch), so watching a
+    read that ends in time costs two lock round trips, and no thread switch.
+    """
+
+    def __init__(self) -> None:
+        """Watch nothing yet; the thread starts with the first watch."""
+        self._cond = threading.Condition(threading.Lock())
+        self._current: tuple[float, Callable[[], None]] | None = None
+        self._until: float | None = None  # when the thread wakes next; None: not until told
+        self._thread: threading.Thread | None = None
+
+    def watch(self, deadline: float, cut: Callable[[], None]) -> None:
+        """Call ``cut`` at ``deadline`` (monotonic) unless ``clear`` comes first."""
+        with self._cond:
+            self._current = (deadline, cut)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="invoca-watchdog", daemon=True
+                )
+                self._thread.start()
+            elif self._until is None or deadline < self._until:
+                self._cond.notify()
+
+    def clear(self) -> None:
+        """The watched read is over."""
+        with self._cond:
+            self._current = None
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                current = self._current
+                if current is None:
+                    self._until = None
+                    self._cond.wait()
+                    continue
+                deadline, cut = current
+                if time.monotonic() < deadline:
+                    self._until = deadline
+                    self._cond.wait(deadline - time.monotonic())
+                    continue
+                self._current = None
+                cut()
 
 
 class AdaptiveWindow:
@@ -584,7 +701,7 @@ class AdaptiveWindow:
       retries of a crowded moment wait for its other requests to come back rather
       than crowd the server again.
 
-    Thread-safe; no I/O. ``sent`` (or ``slot``) returns a ticket for ``prompt``/``trouble``.
+    Thread-safe; no I/O. ``sent``, ``slot`` or ``take`` returns a ticket for ``prompt``/``trouble``.
     """
 
     PROMPT_FACTOR = 2.0
@@ -621,9 +738,21 @@ class AdaptiveWindow:
         try:
             yield ticket
         finally:
-            with self._room:
-                self.on_the_wire -= 1
-                self._room.notify_all()
+            self.give_back()
+
+    def take(self) -> int | None:
+        """Hold a place on the wire if there is room now, without waiting; return its ticket."""
+        with self._room:
+            if self.on_the_wire >= self.size:
+                return None
+            self.on_the_wire += 1
+            return self.cuts
+
+    def give_back(self) -> None:
+        """Give back a place held by ``take``."""
+        with self._room:
+            self.on_the_wire -= 1
+            self._room.notify_all()
 
     def prompt(self, ticket: int, seconds: float) -> int | None:  # noqa: ARG002 - symmetry with trouble
         """A page came back in ``seconds`` without trouble; return the new size if it grew."""

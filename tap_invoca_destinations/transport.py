@@ -16,10 +16,14 @@ CONNECT, SOCKS, proxy credentials) stay requests' business.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
+import ssl
 import threading
+import time
 import typing as t
+from http.client import HTTPException
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
@@ -33,6 +37,7 @@ from requests.utils import (
     get_environ_proxies,
     select_proxy,
 )
+from urllib3.connection import BaseSSLError
 from urllib3.connectionpool import port_by_scheme
 from urllib3.exceptions import (
     ClosedPoolError,
@@ -41,8 +46,11 @@ from urllib3.exceptions import (
     NewConnectionError,
     ProtocolError,
     ReadTimeoutError,
+    SSLError,
 )
 from urllib3.util import Retry, parse_url
+from urllib3.util.ssl_match_hostname import CertificateError
+from urllib3.util.wait import wait_for_read
 
 if t.TYPE_CHECKING:
     from collections.abc import Mapping
@@ -299,23 +307,13 @@ class PageTransport:
                 stream=True,
             )
             return t.cast("urllib3.BaseHTTPResponse", response.raw)
-        given, sent = self._sent
-        if tuple(headers.items()) != given:  # the first request (the tap's headers never vary)
-            merged = self._session_headers.copy()  # the session's, then the request's
-            merged.update(headers)
-            for header in merged.items():
-                check_header_validity(header)  # InvalidHeader, as requests raises it
-            given, sent = tuple(headers.items()), merged
-            self._sent = given, sent
+        sent = self._checked(headers)
         if self._refusal is not None:  # after the header checks, as in requests
             raise OSError(self._refusal)
-        query = encode_params(params)
-        if self._query:
-            query = f"{self._query}&{query}" if query else self._query
         try:
             return pool.urlopen(
                 "GET",
-                f"{self._target}?{query}" if query else self._target,
+                self._target_of(params),
                 headers=sent,
                 redirect=False,
                 assert_same_host=False,
@@ -329,6 +327,147 @@ class PageTransport:
             if mapped is exc:
                 raise
             raise mapped from exc
+
+    def send_ahead(
+        self, params: Mapping[str, t.Any], headers: Mapping[str, str], timeout: float
+    ) -> SentRequest | None:
+        """Send the GET on an idle, open pooled connection; its response is read later.
+
+        None when there is no such connection (or a proxy, or no CA bundle): then
+        ``get`` is the way, on a thread of its own, since connecting (a TLS
+        handshake) would hold up the caller.
+
+        Raises:
+            requests.exceptions.InvalidHeader: As ``get``.
+        """
+        pool = self._pool
+        if pool is None or self._refusal is not None:
+            return None
+        sent = self._checked(headers)
+        # urllib3's pool, as urlopen takes from it; its connections are this module's.
+        conn = t.cast("urllib3.connection.HTTPConnection", pool._get_conn())  # noqa: SLF001
+        if conn.sock is None:  # new, or closed by the server while idle (_get_conn looked)
+            pool._put_conn(conn)  # noqa: SLF001
+            return None
+        target = self._target_of(params)
+        return SentRequest(pool, conn, target, sent, timeout=timeout, retries=self._retries)
+
+    def _checked(self, headers: Mapping[str, str]) -> Mapping[str, str]:
+        """The headers sent for ``headers``: the session's, then these; checked as requests does."""
+        given, sent = self._sent
+        if tuple(headers.items()) != given:  # the first request (the tap's headers never vary)
+            merged = self._session_headers.copy()  # the session's, then the request's
+            merged.update(headers)
+            for header in merged.items():
+                check_header_validity(header)  # InvalidHeader, as requests raises it
+            given, sent = tuple(headers.items()), merged
+            self._sent = given, sent
+        return sent
+
+    def _target_of(self, params: Mapping[str, t.Any]) -> str:
+        query = encode_params(params)
+        if self._query:
+            query = f"{self._query}&{query}" if query else self._query
+        return f"{self._target}?{query}" if query else self._target
+
+
+class SentRequest:
+    """A GET sent on a pooled connection, whose response the caller reads when it wants it.
+
+    ``response`` does what the rest of urllib3's ``urlopen`` would have done
+    (``_make_request`` after the send, the error mapping with no retries), then
+    requests' adapter: the same exceptions as ``PageTransport.get``.
+    """
+
+    def __init__(  # noqa: PLR0913 - what urlopen would be given
+        self,
+        pool: urllib3.connectionpool.HTTPConnectionPool,
+        conn: urllib3.connection.HTTPConnection,
+        target: str,
+        headers: Mapping[str, str],
+        *,
+        timeout: float,
+        retries: Retry,
+    ) -> None:
+        """Send the request on ``conn`` now; a failure to send is raised by ``response``."""
+        self._pool, self._conn, self._target, self._timeout = pool, conn, target, timeout
+        self._retries = retries
+        self._error: BaseException | None = None
+        self.sent_at = time.monotonic()
+        pool.num_requests += 1
+        conn.timeout = timeout
+        try:
+            conn.request(
+                "GET",
+                target,
+                headers=headers,
+                preload_content=False,
+                decode_content=False,
+            )
+        except BrokenPipeError:
+            pass  # as urllib3: the server may have answered before closing; read it
+        except OSError as exc:
+            if exc.errno not in {errno.EPROTOTYPE, errno.ECONNRESET}:
+                self._error = exc
+        except Exception as exc:  # noqa: BLE001 - raised by response(), as urlopen would
+            self._error = exc
+
+    def ready(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the response to start; True once it has or failed."""
+        sock = self._conn.sock
+        if self._error is not None or sock is None:
+            return True
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        return wait_for_read(sock, timeout=timeout)
+
+    def response(self) -> urllib3.BaseHTTPResponse:
+        """Read the status line and headers; the body is left unread.
+
+        Raises:
+            requests.RequestException: What ``PageTransport.get`` would raise.
+        """
+        pool, conn = self._pool, self._conn
+        try:
+            if self._error is not None:
+                raise self._error
+            try:
+                response = conn.getresponse()
+            except (BaseSSLError, OSError) as exc:
+                pool._raise_timeout(err=exc, url=self._target, timeout_value=self._timeout)  # noqa: SLF001
+                raise
+        except (
+            urllib3.exceptions.TimeoutError,
+            HTTPException,
+            OSError,
+            ProtocolError,
+            BaseSSLError,
+            SSLError,
+            CertificateError,
+        ) as exc:
+            conn.close()
+            pool._put_conn(None)  # noqa: SLF001 - its place, for a new connection
+            error: Exception = exc
+            if isinstance(exc, (BaseSSLError, CertificateError)):
+                error = SSLError(exc)
+            elif isinstance(exc, (OSError, HTTPException)):
+                error = ProtocolError("Connection aborted.", exc)
+            try:
+                self._retries.increment("GET", self._target, error=error, _pool=pool)
+            except Exception as raised:
+                mapped = as_requests_error(raised)
+                if mapped is raised:
+                    raise
+                raise mapped from raised
+            raise  # pragma: no cover - increment always raises: no retries are left
+        response._connection = conn  # noqa: SLF001 - as urlopen sets them, for release_conn
+        response._pool = pool  # noqa: SLF001
+        return response
+
+    def drop(self) -> None:
+        """Close the connection, its response unread, and give its place back to the pool."""
+        self._conn.close()
+        self._pool._put_conn(None)  # noqa: SLF001
 
 
 def encode_params(params: Mapping[str, t.Any]) -> str:
