@@ -666,8 +666,9 @@ class InvocaStream(SeamStream):
     Paging is id-anchored offset paging, decided by ``paging.Pager``: pages are
     sorted by id, each request re-reads the last emitted record, and the end of
     the list is proven by the pages themselves, never by ``recordsTotal`` alone.
-    Up to ``max_concurrency`` pages are requested ahead on daemon threads; they
-    are still checked and emitted strictly in order.
+    Up to ``max_concurrency`` pages are requested ahead: on an open connection
+    from the reader's own thread (``send_ahead``), else on daemon threads
+    (``fetch_page``); they are still checked and emitted strictly in order.
     """
 
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:

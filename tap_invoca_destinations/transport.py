@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
+import queue
 import socket
 import ssl
 import threading
@@ -49,6 +51,7 @@ from urllib3.exceptions import (
     SSLError,
 )
 from urllib3.util import Retry, parse_url
+from urllib3.util.connection import is_connection_dropped
 from urllib3.util.ssl_match_hostname import CertificateError
 from urllib3.util.wait import wait_for_read
 
@@ -184,6 +187,7 @@ class HTTPSConnectionPool(_LetGo, urllib3.connectionpool.HTTPSConnectionPool):
 
 
 POOLS = {"http": HTTPConnectionPool, "https": HTTPSConnectionPool}
+_URLLIB3_LOG = logging.getLogger("urllib3.connectionpool")
 
 
 class CuttableAdapter(HTTPAdapter):
@@ -344,11 +348,16 @@ class PageTransport:
         if pool is None or self._refusal is not None:
             return None
         sent = self._checked(headers)
-        # urllib3's pool, as urlopen takes from it; its connections are this module's.
-        conn = t.cast("urllib3.connection.HTTPConnection", pool._get_conn())  # noqa: SLF001
-        if conn.sock is None:  # new, or closed by the server while idle (_get_conn looked)
-            pool._put_conn(conn)  # noqa: SLF001
+        # An idle connection from urllib3's queue, as _get_conn takes it, but without
+        # making one: a new connection is made where it cannot hold up the reader.
+        try:
+            conn = pool.pool.get(block=False) if pool.pool is not None else None
+        except queue.Empty:
             return None
+        if conn is None or is_connection_dropped(conn):  # never opened, closed, or dropped
+            pool._put_conn(conn)  # noqa: SLF001 - back, for _get_conn to renew
+            return None
+        conn = t.cast("urllib3.connection.HTTPConnection", conn)
         target = self._target_of(params)
         return SentRequest(pool, conn, target, sent, timeout=timeout, retries=self._retries)
 
@@ -462,6 +471,17 @@ class SentRequest:
             raise  # pragma: no cover - increment always raises: no retries are left
         response._connection = conn  # noqa: SLF001 - as urlopen sets them, for release_conn
         response._pool = pool  # noqa: SLF001
+        _URLLIB3_LOG.debug(  # the line urlopen logs for each response
+            '%s://%s:%s "%s %s %s" %s %s',
+            pool.scheme,
+            pool.host,
+            pool.port,
+            "GET",
+            self._target,
+            response.version_string,
+            response.status,
+            response.length_remaining,
+        )
         return response
 
     def drop(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 import typing as t
@@ -110,10 +111,11 @@ def test_a_slow_page_does_not_widen_the_window() -> None:
     assert window.size == 5
 
 
-# One step on the slots: ("enter", 0), ("leave", k) for the k-th held slot, ("grow", 0), ("cut", 0).
+# One step on the slots: ("enter", 0) a slot, ("take", 0) a place without waiting,
+# ("leave", k) for the k-th held one, ("grow", 0), ("cut", 0).
 SLOT_STEPS = st.lists(
     st.one_of(
-        st.tuples(st.sampled_from(["enter", "grow", "cut"]), st.just(0)),
+        st.tuples(st.sampled_from(["enter", "take", "grow", "cut"]), st.just(0)),
         st.tuples(st.just("leave"), st.integers(0, 20)),
     ),
     max_size=80,
@@ -128,10 +130,10 @@ def test_a_slot_is_given_only_while_fewer_than_size_requests_are_on_the_wire(
     window = AdaptiveWindow(start, ceiling)
     at_once = threading.Event()
     at_once.set()  # a set cancel turns "wait for room" into "enter now or raise"
-    held: list[contextlib.AbstractContextManager[int]] = []
+    held: list[t.Callable[[], object]] = []  # how each held place is given back
     for kind, k in steps:
+        room = len(held) < window.size
         if kind == "enter":
-            room = len(held) < window.size
             slot = window.slot(at_once)
             try:
                 assert slot.__enter__() == window.cuts
@@ -139,9 +141,15 @@ def test_a_slot_is_given_only_while_fewer_than_size_requests_are_on_the_wire(
                 assert not room
             else:
                 assert room
-                held.append(slot)
+                held.append(functools.partial(slot.__exit__, None, None, None))
+        elif kind == "take":
+            ticket = window.take()
+            assert (ticket is not None) == room
+            if ticket is not None:
+                assert ticket == window.cuts
+                held.append(window.give_back)
         elif kind == "leave" and held:
-            held.pop(k % len(held)).__exit__(None, None, None)
+            held.pop(k % len(held))()
         elif kind == "grow":
             window.prompt(window.sent(), window.quickest or 0.001)
         elif kind == "cut":

@@ -319,6 +319,106 @@ def test_every_urlopen_failure_becomes_what_requests_raises(
         assert new.args[0] is old.args[0] is failure
 
 
+# --- sent ahead: the request on an open connection, its response read later -------------
+
+
+def keep_alive_then(
+    fault: Callable[[socket.socket], None],
+) -> Callable[[socket.socket, bytes], None]:
+    """Answer a connection's first request (kept alive), then meet its second with ``fault``."""
+
+    def answer(conn: socket.socket, _head: bytes) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        head = b""
+        while b"\r\n\r\n" not in head and (chunk := conn.recv(65536)):
+            head += chunk
+        fault(conn)
+
+    return answer
+
+
+def sent_ahead(
+    stream: InvocaStream, params: dict[str, t.Any], timeout: float
+) -> urllib3.BaseHTTPResponse:
+    """The request sent ahead on the connection a first request left open, then its response."""
+    transport = stream.page_transport
+    assert transport.get(params, stream.http_headers, timeout).read() == b"{}"
+    sent = transport.send_ahead(params, stream.http_headers, timeout)
+    assert sent is not None
+    return sent.response()
+
+
+def both_ways_on_an_open_connection(
+    stream: InvocaStream, timeout: float = 5
+) -> tuple[BaseException, BaseException]:
+    """The exception of a second GET on a kept-alive connection: the session's, then sent ahead."""
+    params = params_of(stream)
+    assert via_session(stream, params, timeout).read() == b"{}"
+    with pytest.raises(Exception) as old:  # noqa: PT011 - compared by the caller
+        via_session(stream, params, timeout)
+    with pytest.raises(Exception) as new:  # noqa: PT011
+        sent_ahead(stream, params, timeout)
+    return old.value, new.value
+
+
+def test_a_request_sent_ahead_is_the_one_the_session_sends(
+    raw_server: Callable[..., RawServer],
+) -> None:
+    server = raw_server(
+        keep_alive_then(
+            lambda conn: conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n[]")
+        )
+    )
+    stream = stream_for(server.url, status="tracked", query="+1 (555) ü&x=y")
+    params = params_of(stream)
+    assert sent_ahead(stream, params, 5).read() == b"[]"
+    assert via_session(stream, params, 5).read() == b"{}"
+    sent_ahead_head = re.sub(rb"\r\n\r\n.*", b"", server.heads[0])
+    assert len(server.connections) == 2  # the second request went on the first connection
+    old = re.sub(rb"\r\n\r\n.*", b"", server.heads[1])
+    assert sent_ahead_head == old
+
+
+@pytest.mark.parametrize(
+    ("fault", "expected"),
+    [
+        (lambda conn: conn.close(), requests.exceptions.ConnectionError),
+        (lambda conn: conn.sendall(b"NOT HTTP\r\n\r\n"), requests.exceptions.ConnectionError),
+        (lambda _conn: time.sleep(2), requests.exceptions.ReadTimeout),
+    ],
+    ids=["dropped", "garbage", "silent"],
+)
+def test_a_response_sent_ahead_fails_as_with_requests(
+    raw_server: Callable[..., RawServer],
+    fault: Callable[[socket.socket], None],
+    expected: type[Exception],
+) -> None:
+    server = raw_server(keep_alive_then(fault))
+    old, new = both_ways_on_an_open_connection(stream_for(server.url), timeout=0.5)
+    assert isinstance(new, expected)
+    assert_same_failure(old, new)
+
+
+def test_nothing_is_sent_ahead_without_an_idle_open_connection(
+    raw_server: Callable[..., RawServer],
+) -> None:
+    server = raw_server(answer_ok)  # closes each connection after its answer
+    stream = stream_for(server.url)
+    transport, params = stream.page_transport, params_of(stream)
+    assert transport.send_ahead(params, stream.http_headers, 5) is None  # none opened yet
+    assert transport.get(params, stream.http_headers, 5).read() == b"{}"
+    time.sleep(0.1)  # the server's close has arrived
+    assert transport.send_ahead(params, stream.http_headers, 5) is None  # dropped
+    assert server.heads == [server.heads[0]]  # neither sent a request
+    assert transport.get(params, stream.http_headers, 5).read() == b"{}"  # the pool still works
+
+
+def test_nothing_is_sent_ahead_through_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", PROXY)
+    stream = stream_for(INVOCA)
+    assert stream.page_transport.send_ahead(params_of(stream), stream.http_headers, 5) is None
+
+
 # --- proxies: resolved once; a proxy means the session sends ----------------------------
 
 

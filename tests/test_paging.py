@@ -27,17 +27,21 @@ from tap_invoca_destinations.paging import (
     MAX_DOUBTS,
     MAX_RECHECKS,
     MAX_STALLED_PAGES,
+    WORKERS,
     Cancelled,
     Pager,
     PagingError,
     PrefetchWindow,
     Request,
     RetryPolicy,
+    Watchdog,
     parse_total,
+    settle,
 )
 
 if t.TYPE_CHECKING:
     from collections.abc import Callable
+    from concurrent.futures import Future
 
 TOTAL_MODES = [
     "exact",
@@ -764,3 +768,133 @@ def test_window_hands_over_exceptions() -> None:
     window.submit(Request(0, 1))
     with pytest.raises(ValueError, match="boom"):
         window.pop()
+
+
+# --- PrefetchWindow: fetches sent ahead ---------------------------------------------
+
+
+class FakeSent:
+    """A fetch sent ahead (``SentAhead``): its answer becomes readable at ``answer_at``."""
+
+    def __init__(self, value: int, answer_at: float = 0.0, *, retry: bool = False) -> None:
+        self.value, self.answer_at, self.retry = value, answer_at, retry
+        self.read_on: threading.Thread | None = None
+        self.readies: list[float] = []
+        self.looks = 0
+        self.dropped = False
+
+    def ready(self, timeout: float) -> bool:
+        self.readies.append(timeout)
+        wait = self.answer_at - time.monotonic()
+        if wait > timeout:
+            time.sleep(timeout)
+            return False
+        time.sleep(max(wait, 0.0))
+        return True
+
+    def look(self) -> None:
+        self.looks += 1
+
+    def read(self, result: Future[int]) -> None:
+        self.read_on = threading.current_thread()
+        if self.retry:  # as SentPage hands a failure to fetch_page's retries
+            WORKERS.run(lambda: settle(result, self._retried))
+            return
+        result.set_result(self.value)
+
+    def _retried(self) -> int:
+        time.sleep(0.2)
+        return -self.value
+
+    def drop(self) -> None:
+        self.dropped = True
+
+
+def test_fetches_sent_ahead_are_read_on_the_consumers_thread_in_order() -> None:
+    sent: dict[int, FakeSent] = {}
+    fetched: list[int] = []
+
+    def send_ahead(request: Request, _cancel: threading.Event) -> FakeSent | None:
+        if request.start % 2:  # odd ones cannot be sent ahead: threads fetch them
+            return None
+        sent[request.start] = FakeSent(request.start)
+        return sent[request.start]
+
+    def fetch(request: Request, _cancel: threading.Event) -> int:
+        fetched.append(request.start)
+        return request.start
+
+    window: PrefetchWindow[int] = PrefetchWindow(fetch, send_ahead)
+    for start in range(6):
+        window.submit(Request(start, 1))
+    assert [window.pop()[1] for _ in range(6)] == list(range(6))
+    assert sorted(fetched) == [1, 3, 5]
+    assert all(s.read_on is threading.current_thread() for s in sent.values())
+
+
+def test_a_pop_waiting_for_an_answer_sent_ahead_calls_idle_once_a_period() -> None:
+    answer = FakeSent(7, answer_at=time.monotonic() + 0.25)
+    window: PrefetchWindow[int] = PrefetchWindow(lambda _r, _c: -1, lambda _r, _c: answer)
+    window.submit(Request(0, 1))
+    calls: list[float] = []
+    assert window.pop(lambda: calls.append(time.monotonic()), every=0.05) == (Request(0, 1), 7)
+    assert 3 <= len(calls) <= 6
+    assert all(b - a >= 0.04 for a, b in itertools.pairwise(calls))
+    assert all(0 <= timeout <= 0.05 for timeout in answer.readies)
+
+
+def test_while_a_thread_retries_the_oldest_the_answers_behind_it_are_looked_at() -> None:
+    first = FakeSent(1, retry=True)
+    behind = [FakeSent(2), FakeSent(3)]
+    queue_ = [first, *behind]
+    window: PrefetchWindow[int] = PrefetchWindow(lambda _r, _c: -1, lambda _r, _c: queue_.pop(0))
+    for start in range(3):
+        window.submit(Request(start, 1))
+    assert window.pop() == (Request(0, 1), -1)  # the retry's result, from its thread
+    # Every LOOK_AHEAD_SECONDS of the 0.2 s retry, each answer behind was looked at.
+    assert all(2 <= s.looks <= 0.2 / PrefetchWindow.LOOK_AHEAD_SECONDS + 2 for s in behind)
+    assert [window.pop()[1] for _ in range(2)] == [2, 3]
+
+
+def test_discard_drops_answers_sent_ahead_unread() -> None:
+    answers = [FakeSent(n) for n in range(3)]
+    pending = list(answers)
+    window: PrefetchWindow[int] = PrefetchWindow(lambda _r, _c: -1, lambda _r, _c: pending.pop(0))
+    for start in range(3):
+        window.submit(Request(start, 1))
+    assert window.pop()[1] == 0
+    window.discard()
+    assert [a.dropped for a in answers] == [False, True, True]
+    assert answers[1].read_on is None
+    assert answers[2].read_on is None
+
+
+# --- Watchdog ------------------------------------------------------------------------
+
+
+def test_the_watchdog_cuts_at_the_deadline_and_not_after_a_clear() -> None:
+    watchdog = Watchdog()
+    cut = threading.Event()
+    began = time.monotonic()
+    watchdog.watch(began + 0.2, cut.set)
+    assert cut.wait(5)
+    assert time.monotonic() - began >= 0.2
+
+    spared = threading.Event()
+    watchdog.watch(time.monotonic() + 0.2, spared.set)
+    watchdog.clear()
+    later = threading.Event()
+    watchdog.watch(time.monotonic() + 0.5, later.set)  # the next read, watched after a clear
+    assert not spared.wait(0.4)
+    assert later.wait(5)
+
+
+def test_an_earlier_deadline_wakes_a_watchdog_waiting_for_a_later_one() -> None:
+    watchdog = Watchdog()
+    watchdog.watch(time.monotonic() + 30, lambda: None)
+    time.sleep(0.05)  # the thread now waits for the 30 s deadline
+    cut = threading.Event()
+    began = time.monotonic()
+    watchdog.watch(began + 0.1, cut.set)
+    assert cut.wait(5)
+    assert time.monotonic() - began < 5

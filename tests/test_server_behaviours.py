@@ -365,68 +365,135 @@ def test_server_date_at_start_is_the_first_response_date(make_server: Factory) -
     assert abs((before - dt.timedelta(hours=1) - got).total_seconds()) < 3
 
 
-def test_trickled_headers_are_bounded_by_request_timeout() -> None:
-    # A raw server that sends its status line, then a header byte every 50 ms, forever.
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    stop = threading.Event()
-    accepted: list[socket.socket] = []
-    lock = threading.Lock()
-    trickling = [0, 0]  # now, most at once
+class HeaderTrickler:
+    """A raw server whose responses send a status line, then a header byte every 50 ms, forever.
 
-    def trickle(conn: socket.socket) -> None:
-        with lock:
-            trickling[0] += 1
-            trickling[1] = max(trickling)
+    With ``first_page``, a request for start=0 gets that body instead, and the
+    connection is kept alive for the next request.
+    """
+
+    def __init__(self, first_page: bytes | None = None) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.first_page = first_page
+        self.stop = threading.Event()
+        self.accepted: list[socket.socket] = []
+        self.asked: list[tuple[int, bytes]] = []  # (connection number, request line)
+        self.trickling = [0, 0]  # now, most at once
+        self.open_now = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+            number = len(self.accepted)
+            threading.Thread(target=self._answer, args=(conn, number), daemon=True).start()
+
+    def _answer(self, conn: socket.socket, number: int) -> None:
+        with self.lock:
+            self.open_now += 1
         try:
-            conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
-            while not stop.wait(0.05):
-                conn.sendall(b"a")
+            while head := self._request(conn):
+                self.asked.append((number, head.split(b"\r\n", 1)[0]))
+                line = head.split(b"\r\n", 1)[0]
+                if self.first_page is not None and re.search(rb"[?&]start=0[& ]", line):
+                    body = self.first_page
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                    )
+                    continue
+                self._trickle(conn)
+                return
         except OSError:
             pass  # the tap cut the connection
         finally:
-            with lock:
-                trickling[0] -= 1
+            with self.lock:
+                self.open_now -= 1
 
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            accepted.append(conn)
-            threading.Thread(target=trickle, args=(conn,), daemon=True).start()
+    @staticmethod
+    def _request(conn: socket.socket) -> bytes:
+        head = b""
+        while b"\r\n\r\n" not in head and (chunk := conn.recv(65536)):
+            head += chunk
+        return head
 
-    threading.Thread(target=serve, daemon=True).start()
+    def _trickle(self, conn: socket.socket) -> None:
+        with self.lock:
+            self.trickling[0] += 1
+            self.trickling[1] = max(self.trickling)
+        try:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            while not self.stop.wait(0.05):
+                conn.sendall(b"a")
+        finally:
+            with self.lock:
+                self.trickling[0] -= 1
+
+    def wait_for_no_connection(self) -> None:
+        deadline = time.monotonic() + 5
+        while self.open_now and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.listener.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+def trickling_stream(server: HeaderTrickler, **settings: t.Any) -> InvocaStream:
     config = {
         "api_token": "tok",
         "network_id": "1",
-        "base_url": f"http://127.0.0.1:{port}",
+        "base_url": server.url,
         "request_timeout": 0.5,
-        "max_tries": 4,
         "retry_initial_wait": 0.01,
         "max_concurrency": 1,
+        **settings,
     }
-    stream = t.cast("InvocaStream", TapInvocaDestinations(config=config).streams["destinations"])
+    return t.cast("InvocaStream", TapInvocaDestinations(config=config).streams["destinations"])
+
+
+def test_trickled_headers_are_bounded_by_request_timeout() -> None:
+    server = HeaderTrickler()
+    stream = trickling_stream(server, max_tries=4)
     began = time.monotonic()
     try:
         with pytest.raises(InvocaError, match=r"gave up after 4 attempt\(s\).*request_timeout=0.5"):
             list(stream.iter_pages())
         assert time.monotonic() - began < 10  # 4 x 0.5 s; unbounded, it would never end
-        assert len(accepted) == 4
+        assert len(server.accepted) == 4
         # A request given up on is cut, not left reading beside its retry: the server
         # sees it gone at its next byte (50 ms), so at most the retry overlaps it.
-        assert trickling[1] <= 2, trickling
-        deadline = time.monotonic() + 5
-        while trickling[0] and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert trickling[0] == 0, "a connection the tap gave up on is still open"
+        assert server.trickling[1] <= 2, server.trickling
+        server.wait_for_no_connection()
+        assert server.trickling[0] == 0, "a connection the tap gave up on is still open"
     finally:
-        stop.set()
-        listener.close()
-        for conn in accepted:
-            conn.close()
+        server.close()
+
+
+def test_trickled_headers_of_a_request_sent_ahead_are_cut_at_request_timeout() -> None:
+    # start=0 is answered on a kept-alive connection; the next page's headers trickle.
+    server = HeaderTrickler(first_page=b'{"data": [{"id": 1}, {"id": 2}], "recordsTotal": 3}')
+    stream = trickling_stream(server, max_tries=2, page_size=2)
+    began = time.monotonic()
+    try:
+        with pytest.raises(InvocaError, match=r"gave up after 2 attempt\(s\).*request_timeout=0.5"):
+            for _ in stream.iter_pages():
+                pass
+        assert time.monotonic() - began < 5  # 2 x 0.5 s; unbounded, it would never end
+        # The second page went out ahead, on the first page's connection, and was cut.
+        assert [number for number, _ in server.asked[:2]] == [1, 1], server.asked
+        assert re.search(rb"[?&]start=1[& ]", server.asked[1][1])
+        server.wait_for_no_connection()
+        assert server.open_now == 0, "a connection the tap gave up on is still open"
+    finally:
+        server.close()
 
 
 def test_a_token_with_a_newline_never_shows_up(tmp_path: Path, make_server: Factory) -> None:
