@@ -206,9 +206,9 @@ class TapInvocaDestinations(SeamTap):
             default=60,
             title="Request timeout",
             description="Seconds one request may take in all (at most 3600): connecting, the "
-            "headers and "
-            "the whole body (a server that trickles bytes is cut off too). A request that "
-            "runs out of time is retried like a dropped connection.",
+            "headers and the whole body (a server that trickles bytes is cut off too); for a "
+            "request sent ahead, from when the tap starts waiting for its response. A request "
+            "that runs out of time is retried like a dropped connection.",
         ),
         th.Property(
             "max_tries",
