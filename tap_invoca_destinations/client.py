@@ -65,7 +65,7 @@ if sys.version_info >= (3, 12):
 else:  # pragma: no cover
     from typing_extensions import override
 
-RETRIABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+RETRIABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})  # 408: the request was never read
 RETRIABLE_TRANSPORT = (
     requests.exceptions.Timeout,
     requests.exceptions.ConnectionError,
@@ -131,7 +131,6 @@ ATTEMPT_FAILURES = (
     OSError,
     urllib3.exceptions.HTTPError,
 )
-WATCHDOG = Watchdog()  # the deadline of the response the reader is reading itself
 
 
 @dataclass
@@ -618,12 +617,13 @@ class SentPage:
             return True
         return False
 
-    def look(self) -> None:
+    def look(self) -> bool:
         """Give the place on the wire back once the response has started (``paging.SentAhead``)."""
         if self._held and (
             self._sent.ready(0.0) or time.monotonic() - self._sent.sent_at > self._stream.timeout
         ):
             self._give_back()
+        return self._held
 
     def read(self, result: Future[Reply]) -> None:
         """Read the response into ``result``, or hand it to ``fetch_page``'s retries."""
@@ -686,6 +686,7 @@ class InvocaStream(SeamStream):
         self._adaptive: AdaptiveWindow | None = None
         self._request_counter: metrics.Counter | None = None
         self._transport: PageTransport | None = None
+        self._watchdog = Watchdog()  # the deadline of the response the reader reads itself
         self.page_decoder: PageDecoder | None = None  # set by a stream whose records it knows
 
     @property
@@ -720,7 +721,8 @@ class InvocaStream(SeamStream):
 
         Requests go through it only when a proxy applies (see ``PageTransport``).
         Connections are opened on demand, so a sync opens at most
-        ``max_concurrency`` of them; its pool, like ``page_transport``'s, keeps
+        ``max_concurrency`` of them, and one more for each request dropped unread
+        or cut (its connection is closed); its pool, like ``page_transport``'s, keeps
         twice that many so requests that were dropped (then finish) never make
         urllib3 discard connections.
         """
@@ -895,7 +897,9 @@ class InvocaStream(SeamStream):
         response, not from the send: the response may have waited for the reader.
 
         Raises:
-            requests.exceptions.ReadTimeout: If the response is not complete in time.
+            requests.RequestException: As ``send`` (a ``ReadTimeout`` if the response
+                is not complete in time).
+            InvocaError: If the body passes its bounds (see ``read_body``).
         """
         timeout = self.timeout
         in_flight, abandoned = InFlight(), threading.Event()
@@ -904,7 +908,7 @@ class InvocaStream(SeamStream):
             abandoned.set()
             in_flight.cut()
 
-        WATCHDOG.watch(deadline, cut)
+        self._watchdog.watch(deadline, cut)
         try:
             with sending(in_flight):
                 return self._reply(sent.response(), sent.sent_at, deadline, abandoned, records)
@@ -914,7 +918,7 @@ class InvocaStream(SeamStream):
                 raise requests.exceptions.ReadTimeout(msg) from None
             raise
         finally:
-            WATCHDOG.clear()
+            self._watchdog.clear()
 
     def _note_reply(self, reply: Reply) -> None:
         if self._window is None:

@@ -520,8 +520,8 @@ class SentAhead(t.Protocol[T]):
         """
         ...
 
-    def look(self) -> None:
-        """Note, without waiting, whether the answer has started (while an older fetch is awaited).
+    def look(self) -> bool:
+        """See, without waiting, whether the answer has started; True while it holds its place.
 
         A fetch sent ahead holds a place on the wire (``AdaptiveWindow.take``)
         until its answer starts or its deadline passes; it gives the place back
@@ -583,10 +583,15 @@ class PrefetchWindow(t.Generic[T]):
         """Wait for the oldest fetch and return it (its exception is raised here).
 
         While waiting, ``idle`` is called once per ``every`` seconds of waiting,
-        counted across pops. If it raises, the fetch stays in the window, for ``discard``.
+        counted across pops, and before reading an answer sent ahead. If it
+        raises, the fetch stays in the window, for ``discard``.
         """
         request, future, cancel, sent = self._slots[0]
         if sent is not None:
+            if idle is not None:
+                # Before the read, which may block on this thread: a response that
+                # stalls halfway must not hold back what the consumer has to write.
+                self._idle(idle)
             while idle is not None and not sent.ready(
                 max(self._idled_at + every - time.monotonic(), 0.0)
             ):
@@ -599,11 +604,9 @@ class PrefetchWindow(t.Generic[T]):
                 continue
             # Answers sent ahead behind this one are looked at meanwhile: one that
             # has started arriving gives its place on the wire back (see SentAhead).
-            ahead = [later for _, _, _, later in self._slots if later is not None]
-            for later in ahead:
-                later.look()
+            holding = [s for _, _, _, s in self._slots if s is not None and s.look()]
             wait = None if idle is None else self._idled_at + every - time.monotonic()
-            if ahead:
+            if holding:
                 wait = (
                     self.LOOK_AHEAD_SECONDS if wait is None else min(wait, self.LOOK_AHEAD_SECONDS)
                 )
@@ -689,7 +692,9 @@ class AdaptiveWindow:
 
     - It starts at ``start`` and never leaves ``1..ceiling``.
     - A page that came back without trouble in at most ``PROMPT_FACTOR`` times the
-      quickest response seen so far is prompt: each prompt page widens the window
+      quickest response seen so far is prompt (its time runs until the consumer
+      has it: one that waited for a busy consumer is not prompt, and more pages
+      in flight would not help then): each prompt page widens the window
       by one (so it can double in a round trip), up to the ceiling and below any
       size that met trouble before.
     - Trouble (429, 5xx, a timeout) halves it, and the size that met trouble, less

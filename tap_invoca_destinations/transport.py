@@ -4,8 +4,10 @@ Why: ``requests.Session`` costs ~0.35 ms of CPU per request (URL parsing,
 environment merging, hooks, cookie jars, Response objects, the adapter), most of
 the tap's per-page overhead. ``PageTransport`` works out once per stream what
 the session would work out per request (the URL, the proxy, the CA bundle),
-then sends each page request with one ``urlopen`` on a urllib3 pool, raising
-the exceptions requests' ``HTTPAdapter`` would raise.
+then sends each page request with one ``urlopen`` on a urllib3 pool (``get``),
+or sends it on an idle open connection and leaves its response to be read
+later (``send_ahead``), raising the exceptions requests' ``HTTPAdapter`` would
+raise.
 
 When the environment puts a proxy in front of the host (``HTTPS_PROXY``,
 ``ALL_PROXY``... and no ``NO_PROXY`` match, with the session trusting the
@@ -60,55 +62,59 @@ if t.TYPE_CHECKING:
 
 
 class InFlight:
-    """The connection one page request is reading from, so that a caller who gave up can cut it.
+    """The socket one page request is reading from, so that a caller who gave up can cut it.
 
     A socket's timeout bounds each read, not a response: a server trickling its
     headers keeps a request alive long after its deadline, and its connection
-    open beside the retry's. ``cut`` shuts the connection down, which ends the
-    read at once. It covers the waits for the headers and the body; connecting
-    (and a TLS handshake) stays bounded by the connect timeout alone. Only the
-    request's own connection is cut: it stops being this request's (``let_go``,
-    or its close) before the pool can lend it to another.
+    open beside the retry's. ``cut`` shuts the socket down, which ends the read
+    at once. It covers the waits for the headers and the body; connecting (and
+    a TLS handshake) stays bounded by the connect timeout alone. Only the
+    request's own socket is cut: it stops being this request's once its
+    connection goes back to the pool (``let_go``), before the pool can lend it
+    to another.
     """
 
     def __init__(self) -> None:
         """Hold no connection yet."""
         self._lock = threading.Lock()
         self._connection: urllib3.connection.HTTPConnection | None = None
+        # The connection's socket as the request read from it: a response that ends
+        # with its connection (Connection: close, or no length) is read from this
+        # socket after http.client closed the connection. A closed socket object
+        # shuts nothing down, so a reused descriptor number is never met.
+        self._socket: socket.socket | None = None
         self._cut = False
 
     def hold(self, connection: urllib3.connection.HTTPConnection) -> None:
         """The request reads from ``connection`` now (cut at once if the caller gave up)."""
         with self._lock:
-            self._connection = connection
+            self._connection, self._socket = connection, connection.sock
             if self._cut:
-                _shut_down(connection)
+                _shut_down(self._socket)
 
     def let_go(self, connection: urllib3.connection.HTTPConnection | None) -> None:
         """``connection`` goes back to the pool: no longer this request's to cut."""
         with self._lock:
             if connection is self._connection:
-                self._connection = None
+                self._connection = self._socket = None
 
     def cut(self) -> None:
-        """Shut the request's connection down; one it takes later is shut as it reads."""
+        """Shut the request's socket down; one it takes later is shut as it reads."""
         with self._lock:
             self._cut = True
-            if self._connection is not None:
-                _shut_down(self._connection)
+            _shut_down(self._socket)
 
     def close(
         self, connection: urllib3.connection.HTTPConnection, close: t.Callable[[], None]
     ) -> None:
-        """Close ``connection`` (the sending thread's own close) where no cut can meet it."""
-        with self._lock:  # a cut must not shut a closed socket's number, reused meanwhile
+        """Close ``connection`` (the sending thread's own close), out of a cut's way."""
+        with self._lock:
             if connection is self._connection:
-                self._connection = None
+                self._connection = None  # its socket stays cuttable while a response reads it
             close()
 
 
-def _shut_down(connection: urllib3.connection.HTTPConnection) -> None:
-    sock = connection.sock
+def _shut_down(sock: socket.socket | None) -> None:
     if isinstance(sock, socket.socket):  # not, e.g., pyOpenSSL's wrapper: left to its timeout
         with contextlib.suppress(OSError):  # socket's own: SSLSocket.shutdown drops its TLS state
             socket.socket.shutdown(sock, socket.SHUT_RDWR)
@@ -438,13 +444,7 @@ class SentRequest:
         """
         pool, conn = self._pool, self._conn
         try:
-            if self._error is not None:
-                raise self._error
-            try:
-                response = conn.getresponse()
-            except (BaseSSLError, OSError) as exc:
-                pool._raise_timeout(err=exc, url=self._target, timeout_value=self._timeout)  # noqa: SLF001
-                raise
+            response = self._status_and_headers()
         except (
             urllib3.exceptions.TimeoutError,
             HTTPException,
@@ -469,6 +469,10 @@ class SentRequest:
                     raise
                 raise mapped from raised
             raise  # pragma: no cover - increment always raises: no retries are left
+        except Exception:
+            conn.close()  # as urlopen, whatever the failure: the connection's state is unknown
+            pool._put_conn(None)  # noqa: SLF001
+            raise
         response._connection = conn  # noqa: SLF001 - as urlopen sets them, for release_conn
         response._pool = pool  # noqa: SLF001
         _URLLIB3_LOG.debug(  # the line urlopen logs for each response
@@ -483,6 +487,16 @@ class SentRequest:
             response.length_remaining,
         )
         return response
+
+    def _status_and_headers(self) -> urllib3.HTTPResponse:
+        """The part of urllib3's ``_make_request`` after the send."""
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._conn.getresponse()
+        except (BaseSSLError, OSError) as exc:
+            self._pool._raise_timeout(err=exc, url=self._target, timeout_value=self._timeout)  # noqa: SLF001
+            raise
 
     def drop(self) -> None:
         """Close the connection, its response unread, and give its place back to the pool."""

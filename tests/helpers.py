@@ -202,3 +202,9 @@ def sigterm_once_asked(
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=30)
     return subprocess.CompletedProcess(argv, process.returncode, out, err)
+
+
+def raw_id(record: object) -> int:
+    """The id of a record as ``iter_pages`` yields it: a dict, or a typed record."""
+    raw = record["id"] if isinstance(record, dict) else t.cast("t.Any", record).id
+    return int(raw)

@@ -48,7 +48,7 @@ def serve(
     return make_server(count, faults=faults, token=TOKEN)
 
 
-@pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
+@pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
 def test_transient_statuses_are_retried(
     tmp_path: Path, make_server: Callable[..., InvocaServer], status: int
 ) -> None:

@@ -14,13 +14,15 @@ import socket
 import threading
 import time
 import typing as t
+from concurrent.futures import Future
 
 import pytest
 import requests
 import urllib3
-from helpers import config_for, run_cli
+from helpers import config_for, raw_id, run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from invoca_server import Faults
 from test_failures import assert_clean_failure
 from urllib3.exceptions import (
     ClosedPoolError,
@@ -32,7 +34,14 @@ from urllib3.exceptions import (
     ReadTimeoutError,
 )
 
-from tap_invoca_destinations.client import InvocaStream, transport_reason
+from tap_invoca_destinations.client import (
+    InvocaStream,
+    Reply,
+    RetriableReply,
+    SentPage,
+    transport_reason,
+)
+from tap_invoca_destinations.paging import AdaptiveWindow, Request
 from tap_invoca_destinations.tap import TapInvocaDestinations
 from tap_invoca_destinations.transport import InFlight, encode_params, sending
 
@@ -41,6 +50,8 @@ if t.TYPE_CHECKING:
     from pathlib import Path
 
     from invoca_server import InvocaServer
+
+    from tap_invoca_destinations.transport import SentRequest
 
 PROXY_VARIABLES = ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"]
 CA_VARIABLES = ["REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"]
@@ -323,15 +334,20 @@ def test_every_urlopen_failure_becomes_what_requests_raises(
 
 
 def keep_alive_then(
-    fault: Callable[[socket.socket], None],
+    fault: Callable[[socket.socket], None], seen: list[bytes] | None = None
 ) -> Callable[[socket.socket, bytes], None]:
-    """Answer a connection's first request (kept alive), then meet its second with ``fault``."""
+    """Answer a connection's first request (kept alive), then meet its second with ``fault``.
+
+    The second request's head goes to ``seen``.
+    """
 
     def answer(conn: socket.socket, _head: bytes) -> None:
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
         head = b""
         while b"\r\n\r\n" not in head and (chunk := conn.recv(65536)):
             head += chunk
+        if seen is not None:
+            seen.append(head)
         fault(conn)
 
     return answer
@@ -364,19 +380,22 @@ def both_ways_on_an_open_connection(
 def test_a_request_sent_ahead_is_the_one_the_session_sends(
     raw_server: Callable[..., RawServer],
 ) -> None:
-    server = raw_server(
-        keep_alive_then(
-            lambda conn: conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n[]")
-        )
-    )
-    stream = stream_for(server.url, status="tracked", query="+1 (555) ü&x=y")
+    seconds: list[bytes] = []  # each connection's second request
+
+    def answer_again(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n[]")
+
+    server = raw_server(keep_alive_then(answer_again, seconds))
+    stream = stream_for(server.url, user_agent="agent/1 (test)", status="tracked", query="+1 ü&x")
     params = params_of(stream)
-    assert sent_ahead(stream, params, 5).read() == b"[]"
+    assert sent_ahead(stream, params, 5).read() == b"[]"  # a get, then one sent ahead
     assert via_session(stream, params, 5).read() == b"{}"
-    sent_ahead_head = re.sub(rb"\r\n\r\n.*", b"", server.heads[0])
-    assert len(server.connections) == 2  # the second request went on the first connection
-    old = re.sub(rb"\r\n\r\n.*", b"", server.heads[1])
-    assert sent_ahead_head == old
+    assert via_session(stream, params, 5).read() == b"[]"  # the session's second request
+    assert len(server.connections) == 2  # each second request went on its first's connection
+    ahead, session = seconds
+    assert ahead == session  # the request line (path and query) and every header, in order
+    assert b"Authorization: tok-3f9\r\n" in ahead
+    assert b"start=99" in ahead
 
 
 @pytest.mark.parametrize(
@@ -402,21 +421,182 @@ def test_a_response_sent_ahead_fails_as_with_requests(
 def test_nothing_is_sent_ahead_without_an_idle_open_connection(
     raw_server: Callable[..., RawServer],
 ) -> None:
-    server = raw_server(answer_ok)  # closes each connection after its answer
+    server = raw_server(answer_ok)  # Connection: close, then closes
     stream = stream_for(server.url)
     transport, params = stream.page_transport, params_of(stream)
     assert transport.send_ahead(params, stream.http_headers, 5) is None  # none opened yet
     assert transport.get(params, stream.http_headers, 5).read() == b"{}"
-    time.sleep(0.1)  # the server's close has arrived
-    assert transport.send_ahead(params, stream.http_headers, 5) is None  # dropped
-    assert server.heads == [server.heads[0]]  # neither sent a request
+    assert transport.send_ahead(params, stream.http_headers, 5) is None  # closed with its answer
+    assert len(server.heads) == 1  # neither sent a request
     assert transport.get(params, stream.http_headers, 5).read() == b"{}"  # the pool still works
+
+
+def test_nothing_is_sent_ahead_on_a_connection_the_server_dropped_while_idle(
+    raw_server: Callable[..., RawServer],
+) -> None:
+    seconds: list[bytes] = []
+    server = raw_server(keep_alive_then(lambda conn: conn.close(), seconds))
+    stream = stream_for(server.url)
+    transport, params = stream.page_transport, params_of(stream)
+    assert transport.get(params, stream.http_headers, 5).read() == b"{}"  # kept alive
+    server.connections[0].shutdown(socket.SHUT_RDWR)  # the server drops it while it is idle
+    time.sleep(0.1)
+    assert transport.send_ahead(params, stream.http_headers, 5) is None
+    assert seconds == [b""]  # the dropped connection never carried a second request
+    assert transport.get(params, stream.http_headers, 5).read() == b"{}"  # on a new connection
+    assert len(server.connections) == 2
 
 
 def test_nothing_is_sent_ahead_through_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HTTPS_PROXY", PROXY)
     stream = stream_for(INVOCA)
     assert stream.page_transport.send_ahead(params_of(stream), stream.http_headers, 5) is None
+
+
+def test_a_sync_reads_its_pages_sent_ahead_on_its_own_thread(
+    make_server: Callable[..., InvocaServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = make_server(3000, faults=Faults(fail_every=7, fail_status=503))
+    stream = stream_for(
+        server.url, api_token=server.token, network_id=server.network_id, retry_initial_wait=0.01
+    )
+    read_on: list[threading.Thread] = []
+    handed_over: list[tuple[Exception, int]] = []
+    read_sent, fetch_page = InvocaStream.read_sent, InvocaStream.fetch_page
+
+    def spy_read(self: InvocaStream, *args: t.Any) -> Reply:
+        read_on.append(threading.current_thread())
+        return read_sent(self, *args)
+
+    def spy_fetch(
+        self: InvocaStream,
+        request: Request,
+        cancel: threading.Event,
+        failed: tuple[Exception, int] | None = None,
+    ) -> Reply:
+        if failed is not None:
+            handed_over.append(failed)
+        return fetch_page(self, request, cancel, failed)
+
+    monkeypatch.setattr(InvocaStream, "read_sent", spy_read)
+    monkeypatch.setattr(InvocaStream, "fetch_page", spy_fetch)
+    pages = stream.iter_pages()
+    ids = [raw_id(r) for page in pages for r in page]
+    assert ids == server.ids()
+    # Most requests were read on this thread: not the first few (no connection open
+    # yet), the retries, nor those made while no open connection was idle.
+    assert len(read_on) >= server.stats.requests // 2, (len(read_on), server.stats.requests)
+    assert set(read_on) == {threading.current_thread()}
+    # A 503 met by a request sent ahead goes on to fetch_page's retries, with its ticket.
+    assert handed_over
+    assert all(isinstance(exc, RetriableReply) for exc, _ in handed_over)
+
+
+class FakeSentRequest:
+    """A SentRequest whose response has started (or not) as the test says."""
+
+    def __init__(self) -> None:
+        self.answered = False
+        self.sent_at = time.monotonic()
+        self.dropped = 0
+
+    def ready(self, timeout: float) -> bool:
+        if not self.answered:
+            time.sleep(timeout)
+        return self.answered
+
+    def drop(self) -> None:
+        self.dropped += 1
+
+
+class FakeStream:
+    """What a SentPage asks of its stream: the timeout, the read, the retries."""
+
+    timeout = 0.3
+
+    def __init__(self, failure: Exception | None) -> None:
+        self.failure = failure
+        self.deadlines: list[float] = []
+        self.retried: list[tuple[Exception, int] | None] = []
+
+    def read_sent(self, _sent: object, _records: int, deadline: float) -> Reply:
+        self.deadlines.append(deadline)
+        if self.failure is not None:
+            raise self.failure
+        return Reply(200, "OK", "/p", {}, b"{}", 0.01, ())
+
+    def fetch_page(
+        self, _request: object, _cancel: object, failed: tuple[Exception, int] | None = None
+    ) -> Reply:
+        self.retried.append(failed)
+        return Reply(200, "OK", "/p", {}, b"[]", 0.01, ())
+
+
+def sent_page(stream: FakeStream) -> tuple[SentPage, FakeSentRequest, AdaptiveWindow]:
+    window = AdaptiveWindow(1, 1)
+    ticket = window.take()
+    assert ticket is not None
+    sent = FakeSentRequest()
+    page = SentPage(
+        t.cast("InvocaStream", stream),
+        Request(0, 10),
+        threading.Event(),
+        t.cast("SentRequest", sent),
+        window=window,
+        ticket=ticket,
+    )
+    return page, sent, window
+
+
+def test_a_page_sent_ahead_holds_its_place_until_its_answer_starts_or_its_time_is_up() -> None:
+    page, sent, window = sent_page(FakeStream(None))
+    page.look()
+    assert window.on_the_wire == 1  # not answered yet
+    sent.answered = True
+    page.look()
+    assert window.on_the_wire == 0
+    page.look()
+    page.drop()
+    assert window.on_the_wire == 0  # given back once
+    assert sent.dropped == 1
+
+    page, sent, window = sent_page(FakeStream(None))
+    time.sleep(FakeStream.timeout + 0.05)
+    page.look()
+    assert window.on_the_wire == 0  # never answered, but its timeout has passed
+
+
+def test_the_timeout_of_a_page_sent_ahead_counts_from_the_first_wait() -> None:
+    stream = FakeStream(None)
+    page, _, window = sent_page(stream)
+    began = time.monotonic()
+    assert not page.ready(0.05)
+    assert window.on_the_wire == 1
+    assert page.ready(5)  # unanswered, but the deadline came: read it (and time out)
+    assert FakeStream.timeout <= time.monotonic() - began < FakeStream.timeout + 1
+    assert window.on_the_wire == 0
+    result: Future[Reply] = Future()
+    page.read(result)
+    assert result.result().body == b"{}"
+    assert stream.deadlines == [pytest.approx(began + FakeStream.timeout, abs=0.05)]
+
+
+def test_a_page_sent_ahead_that_fails_goes_on_to_fetch_page_with_its_ticket() -> None:
+    failure = requests.exceptions.ConnectionError("dropped")
+    stream = FakeStream(failure)
+    page, _, window = sent_page(stream)
+    result: Future[Reply] = Future()
+    page.read(result)
+    assert result.result(timeout=5).body == b"[]"  # from the retries, on a daemon thread
+    assert stream.retried == [(failure, 0)]
+    assert window.on_the_wire == 0
+
+    fatal = ValueError("not for retrying")
+    page, _, window = sent_page(FakeStream(fatal))
+    result = Future()
+    page.read(result)
+    assert result.exception(timeout=5) is fatal
+    assert window.on_the_wire == 0
 
 
 # --- proxies: resolved once; a proxy means the session sends ----------------------------

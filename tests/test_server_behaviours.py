@@ -18,7 +18,7 @@ import time
 import typing as t
 
 import pytest
-from helpers import TapRun, config_for, run_cli, run_in_process
+from helpers import TapRun, config_for, raw_id, run_cli, run_in_process
 from invoca_server import Faults, InvocaServer
 from test_failures import assert_clean_failure
 
@@ -369,13 +369,19 @@ class HeaderTrickler:
     """A raw server whose responses send a status line, then a header byte every 50 ms, forever.
 
     With ``first_page``, a request for start=0 gets that body instead, and the
-    connection is kept alive for the next request.
+    connection is kept alive for the next request. With ``stall_with`` (headers
+    that end a response with its connection: ``Connection: close``, or no
+    length), the trickled responses send those headers, then body bytes for
+    ``STALL_AFTER`` seconds, then nothing.
     """
 
-    def __init__(self, first_page: bytes | None = None) -> None:
+    STALL_AFTER = 1.5
+
+    def __init__(self, first_page: bytes | None = None, stall_with: bytes | None = None) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.first_page = first_page
+        self.stall_with = stall_with
         self.stop = threading.Event()
         self.accepted: list[socket.socket] = []
         self.asked: list[tuple[int, bytes]] = []  # (connection number, request line)
@@ -427,6 +433,13 @@ class HeaderTrickler:
             self.trickling[0] += 1
             self.trickling[1] = max(self.trickling)
         try:
+            if self.stall_with is not None:
+                conn.sendall(b"HTTP/1.1 200 OK\r\n" + self.stall_with + b"\r\n{")
+                stall_at = time.monotonic() + self.STALL_AFTER
+                while time.monotonic() < stall_at and not self.stop.wait(0.05):
+                    conn.sendall(b" ")
+                self.stop.wait()
+                return
             conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
             while not self.stop.wait(0.05):
                 conn.sendall(b"a")
@@ -493,6 +506,60 @@ def test_trickled_headers_of_a_request_sent_ahead_are_cut_at_request_timeout() -
         server.wait_for_no_connection()
         assert server.open_now == 0, "a connection the tap gave up on is still open"
     finally:
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "stall_with",
+    [b"Content-Length: 100000\r\nConnection: close\r\n", b"Connection: keep-alive\r\n"],
+    ids=["connection-close", "no-length"],
+)
+def test_a_stalled_body_that_ends_with_its_connection_is_cut_at_request_timeout(
+    stall_with: bytes,
+) -> None:
+    # http.client closes such a connection as soon as it has the headers and
+    # reads the body from its socket: that socket must still be cut at the deadline.
+    first_page = b'{"data": [{"id": 1}, {"id": 2}], "recordsTotal": 3}'
+    server = HeaderTrickler(first_page=first_page, stall_with=stall_with)
+    stream = trickling_stream(server, max_tries=1, page_size=2, request_timeout=2)
+    pages = stream.iter_pages()
+    try:
+        assert [raw_id(r) for r in next(pages)] == [1, 2]
+        began = time.monotonic()
+        with pytest.raises(InvocaError, match=r"gave up after 1 attempt\(s\).*request_timeout=2"):
+            next(pages)
+        # At the deadline (2 s), not at the socket's timeout after the last byte (3.5 s).
+        assert time.monotonic() - began < 3.0
+        assert [number for number, _ in server.asked[:2]] == [1, 1], server.asked
+    finally:
+        server.close()
+
+
+def test_records_read_go_out_while_the_next_response_trickles(
+    tmp_path: Path, frontend: Frontend
+) -> None:
+    # Page 1 (two records) comes at once; page 2's headers trickle for the whole
+    # request_timeout. Page 1's records reach stdout now, not when page 2 gives up.
+    server = HeaderTrickler(first_page=b'{"data": [{"id": 1}, {"id": 2}], "recordsTotal": 3}')
+    config = {
+        "api_token": "tok",
+        "network_id": "1",
+        "base_url": server.url,
+        "page_size": 2,
+        "request_timeout": 30,
+        "max_tries": 1,
+    }
+    process = frontend.start(tmp_path, config)
+    began = time.monotonic()
+    try:
+        assert process.stdout is not None
+        lines = iter(process.stdout.readline, b"")
+        first = next(line for line in lines if b'"RECORD"' in line)
+        assert time.monotonic() - began < 15, "the first record waited for the next page"
+        assert b'"id":1' in first
+    finally:
+        process.kill()
+        process.communicate()
         server.close()
 
 
