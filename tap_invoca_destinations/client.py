@@ -114,7 +114,7 @@ class InvocaTransientError(InvocaError):
 
 
 class RetriableReply(Exception):  # noqa: N818 - a signal to the retry loop, caught there
-    """A response worth another try (429, 5xx)."""
+    """A response worth another try (408, 429, 5xx)."""
 
     def __init__(self, reply: Reply) -> None:
         """Keep what the retry loop needs from the reply."""
@@ -122,6 +122,9 @@ class RetriableReply(Exception):  # noqa: N818 - a signal to the retry loop, cau
         self.reason = f"HTTP {reply.status}"
         self.retry_after = retry_after_seconds(reply.headers.get("Retry-After"))
         self.throttled = reply.status == HTTPStatus.TOO_MANY_REQUESTS
+        # A 408 is a request dropped unread (a stale kept-alive connection, mostly):
+        # retried like a dropped connection, it says nothing of the server's load.
+        self.load = reply.status != HTTPStatus.REQUEST_TIMEOUT
 
 
 # What one attempt may fail with that the retry loop (``fetch_page``) judges.
@@ -1016,7 +1019,8 @@ class InvocaStream(SeamStream):
             InvocaError: If retrying cannot help (see ``transport_failure``).
         """
         if isinstance(exc, RetriableReply):
-            self._window_trouble(ticket, exc.reason)
+            if exc.load:
+                self._window_trouble(ticket, exc.reason)
             return exc.reason, exc.retry_after, str(exc)
         reason, failure = self.transport_failure(exc)
         if isinstance(exc, (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError)):

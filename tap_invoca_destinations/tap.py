@@ -215,8 +215,8 @@ class TapInvocaDestinations(SeamTap):
             th.IntegerType(minimum=1, maximum=100),
             default=6,
             title="Max tries",
-            description="Attempts per request (the first plus retries, 1 to 100) on 429, 5xx, "
-            "timeouts and dropped connections.",
+            description="Attempts per request (the first plus retries, 1 to 100) on 408, 429, "
+            "5xx, timeouts and dropped connections.",
         ),
         th.Property(
             "max_retry_seconds",

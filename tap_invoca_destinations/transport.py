@@ -80,8 +80,9 @@ class InFlight:
         self._connection: urllib3.connection.HTTPConnection | None = None
         # The connection's socket as the request read from it: a response that ends
         # with its connection (Connection: close, or no length) is read from this
-        # socket after http.client closed the connection. A closed socket object
-        # shuts nothing down, so a reused descriptor number is never met.
+        # socket after http.client closed the connection. A socket object closed for
+        # good shuts nothing down (its descriptor is gone); only a cut in the same
+        # instant as that final close could meet a descriptor number reused by then.
         self._socket: socket.socket | None = None
         self._cut = False
 
@@ -469,8 +470,8 @@ class SentRequest:
                     raise
                 raise mapped from raised
             raise  # pragma: no cover - increment always raises: no retries are left
-        except Exception:
-            conn.close()  # as urlopen, whatever the failure: the connection's state is unknown
+        except BaseException:
+            conn.close()  # as urlopen, whatever else fails: the connection's state is unknown
             pool._put_conn(None)  # noqa: SLF001
             raise
         response._connection = conn  # noqa: SLF001 - as urlopen sets them, for release_conn

@@ -492,6 +492,27 @@ def test_a_sync_reads_its_pages_sent_ahead_on_its_own_thread(
     assert all(isinstance(exc, RetriableReply) for exc, _ in handed_over)
 
 
+def test_a_response_sent_ahead_that_fails_oddly_closes_its_connection(
+    raw_server: Callable[..., RawServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = raw_server(keep_alive_then(lambda conn: conn.sendall(b"HTTP/1.1 200 OK\r\n\r\n")))
+    stream = stream_for(server.url)
+    transport, params = stream.page_transport, params_of(stream)
+    assert transport.get(params, stream.http_headers, 5).read() == b"{}"
+    sent = transport.send_ahead(params, stream.http_headers, 5)
+    assert sent is not None
+    conn = sent._conn  # noqa: SLF001 - the connection whose fate is checked
+
+    def odd(*_: object) -> t.NoReturn:
+        raise KeyboardInterrupt  # not an HTTP failure: e.g. a stop signal
+
+    monkeypatch.setattr(conn, "getresponse", odd)
+    with pytest.raises(KeyboardInterrupt):
+        sent.response()
+    assert conn.sock is None  # closed, as urlopen closes it whatever fails
+    assert transport.get(params, stream.http_headers, 5).read() == b"{}"  # the pool is whole
+
+
 class FakeSentRequest:
     """A SentRequest whose response has started (or not) as the test says."""
 
@@ -569,6 +590,7 @@ def test_a_page_sent_ahead_holds_its_place_until_its_answer_starts_or_its_time_i
 def test_the_timeout_of_a_page_sent_ahead_counts_from_the_first_wait() -> None:
     stream = FakeStream(None)
     page, _, window = sent_page(stream)
+    time.sleep(FakeStream.timeout + 0.05)  # sent a timeout ago: it waited for the reader
     began = time.monotonic()
     assert not page.ready(0.05)
     assert window.on_the_wire == 1

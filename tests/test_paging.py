@@ -776,8 +776,10 @@ def test_window_hands_over_exceptions() -> None:
 class FakeSent:
     """A fetch sent ahead (``SentAhead``): its answer becomes readable at ``answer_at``."""
 
-    def __init__(self, value: int, answer_at: float = 0.0, *, retry: bool = False) -> None:
-        self.value, self.answer_at, self.retry = value, answer_at, retry
+    def __init__(
+        self, value: int, answer_at: float = 0.0, *, retry: bool = False, holds: bool = True
+    ) -> None:
+        self.value, self.answer_at, self.retry, self.holds = value, answer_at, retry, holds
         self.read_on: threading.Thread | None = None
         self.readies: list[float] = []
         self.looks = 0
@@ -794,7 +796,7 @@ class FakeSent:
 
     def look(self) -> bool:
         self.looks += 1
-        return True
+        return self.holds
 
     def read(self, result: Future[int]) -> None:
         self.read_on = threading.current_thread()
@@ -855,6 +857,18 @@ def test_while_a_thread_retries_the_oldest_the_answers_behind_it_are_looked_at()
     # Every LOOK_AHEAD_SECONDS of the 0.2 s retry, each answer behind was looked at.
     assert all(2 <= s.looks <= 0.2 / PrefetchWindow.LOOK_AHEAD_SECONDS + 2 for s in behind)
     assert [window.pop()[1] for _ in range(2)] == [2, 3]
+
+
+def test_answers_that_hold_no_place_are_not_looked_at_again() -> None:
+    first = FakeSent(1, retry=True)
+    behind = FakeSent(2, holds=False)  # its answer has started: its place is given back
+    queue_ = [first, behind]
+    window: PrefetchWindow[int] = PrefetchWindow(lambda _r, _c: -1, lambda _r, _c: queue_.pop(0))
+    for start in range(2):
+        window.submit(Request(start, 1))
+    assert window.pop() == (Request(0, 1), -1)  # 0.2 s of retry, waited for without polling
+    assert behind.looks == 1
+    assert window.pop()[1] == 2
 
 
 def test_discard_drops_answers_sent_ahead_unread() -> None:
