@@ -21,11 +21,10 @@ import sys
 import time
 import typing as t
 
-import requests
-import urllib3
 from singer_sdk.exceptions import ConfigValidationError
 
 from tap_invoca_destinations.client import (
+    TRANSPORT_FAILURES,
     InvocaError,
     InvocaStream,
     RetriableReply,
@@ -391,7 +390,7 @@ class Source:
             decode_page(reply)
         except (RetriableReply, InvocaError) as exc:
             reason = str(exc)
-        except (requests.RequestException, OSError, urllib3.exceptions.HTTPError) as exc:
+        except TRANSPORT_FAILURES as exc:
             try:
                 _, reason = stream.transport_failure(exc)
             except InvocaError as fatal:

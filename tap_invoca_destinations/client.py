@@ -127,13 +127,10 @@ class RetriableReply(Exception):  # noqa: N818 - a signal to the retry loop, cau
         self.load = reply.status != HTTPStatus.REQUEST_TIMEOUT
 
 
-# What one attempt may fail with that the retry loop (``fetch_page``) judges.
-ATTEMPT_FAILURES = (
-    RetriableReply,
-    requests.RequestException,
-    OSError,
-    urllib3.exceptions.HTTPError,
-)
+# What sending a request and reading its response may fail with (``transport_failure``
+# names each), and what one attempt may fail with that the retry loop judges.
+TRANSPORT_FAILURES = (requests.RequestException, OSError, urllib3.exceptions.HTTPError)
+ATTEMPT_FAILURES = (RetriableReply, *TRANSPORT_FAILURES)
 
 
 @dataclass
@@ -304,6 +301,13 @@ def _too_big(response: urllib3.BaseHTTPResponse, path: str, what: str, records: 
     )
 
 
+def out_of_time(timeout: float) -> requests.exceptions.ReadTimeout:
+    """The failure of a response not complete within its whole-response deadline."""
+    return requests.exceptions.ReadTimeout(
+        f"no complete response within request_timeout={timeout:g} s"
+    )
+
+
 def read_body(  # noqa: PLR0913 - the request's deadline and bounds
     response: urllib3.BaseHTTPResponse,
     path: str,
@@ -347,8 +351,7 @@ def read_body(  # noqa: PLR0913 - the request's deadline and bounds
             if abandoned.is_set() or time.monotonic() > deadline:
                 break
         if abandoned.is_set() or time.monotonic() > deadline:  # a cut may look like the end
-            msg = f"no complete response within request_timeout={timeout:g} s"
-            raise requests.exceptions.ReadTimeout(msg)
+            raise out_of_time(timeout)
         rest = inflater.finish() if inflater is not None else b""
         if size + len(rest) > limit or (budget is not None and not budget.take(len(rest))):
             raise _too_big(response, path, f"{limit:,} bytes", records)
@@ -823,8 +826,7 @@ class InvocaStream(SeamStream):
         except FutureTimeout:
             abandoned.set()
             in_flight.cut()  # or it stays on the wire, beside the retry, while bytes trickle in
-            msg = f"no complete response within request_timeout={timeout:g} s"
-            raise requests.exceptions.ReadTimeout(msg) from None
+            raise out_of_time(timeout) from None
 
     def _receive(
         self, params: dict[str, t.Any], deadline: float, abandoned: threading.Event
@@ -915,10 +917,9 @@ class InvocaStream(SeamStream):
         try:
             with sending(in_flight):
                 return self._reply(sent.response(), sent.sent_at, deadline, abandoned, records)
-        except (requests.RequestException, OSError, urllib3.exceptions.HTTPError):
+        except TRANSPORT_FAILURES:
             if abandoned.is_set():
-                msg = f"no complete response within request_timeout={timeout:g} s"
-                raise requests.exceptions.ReadTimeout(msg) from None
+                raise out_of_time(timeout) from None
             raise
         finally:
             self._watchdog.clear()

@@ -455,8 +455,7 @@ class SentRequest:
             SSLError,
             CertificateError,
         ) as exc:
-            conn.close()
-            pool._put_conn(None)  # noqa: SLF001 - its place, for a new connection
+            self.drop()  # its place, for a new connection
             error: Exception = exc
             if isinstance(exc, (BaseSSLError, CertificateError)):
                 error = SSLError(exc)
@@ -471,8 +470,7 @@ class SentRequest:
                 raise mapped from raised
             raise  # pragma: no cover - increment always raises: no retries are left
         except BaseException:
-            conn.close()  # as urlopen, whatever else fails: the connection's state is unknown
-            pool._put_conn(None)  # noqa: SLF001
+            self.drop()  # as urlopen, whatever else fails: the connection's state is unknown
             raise
         response._connection = conn  # noqa: SLF001 - as urlopen sets them, for release_conn
         response._pool = pool  # noqa: SLF001
@@ -500,7 +498,7 @@ class SentRequest:
             raise
 
     def drop(self) -> None:
-        """Close the connection, its response unread, and give its place back to the pool."""
+        """Close the connection (its response unread, or broken); give its place to the pool."""
         self._conn.close()
         self._pool._put_conn(None)  # noqa: SLF001
 
